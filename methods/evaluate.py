@@ -1,0 +1,198 @@
+"""Concept presence on generated images, and the detectors that decide it.
+
+presence(c) = fraction of images generated from concept c's prompts that the detector assigns to c,
+among the classes {all concepts of the experiment} + extra classes (RESEARCH.md section 4).
+retention   = mean presence of the *other* concepts on their own prompts (utility / specificity).
+resurgence  = presence after fine-tuning - presence right after erasure (computed by the trial).
+
+Images use fixed seeds (image i of every prompt uses seed + i): the same model gives the same numbers,
+and different models are compared on the same noise (common random numbers).
+
+Detectors: `clip` is open_clip zero-shot ("a photo of a {}."); the model is an open_clip name with a
+pretrained tag or checkpoint path, or `tiny-test`, a random tiny tower for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from methods.datasets import to_images
+from methods.models import DiffusionModel
+from methods.registry import Registry
+
+
+class Detector(Protocol):
+    def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B,) index into `classes` of the class each image shows."""
+        ...
+
+
+DETECTORS: Registry[Callable[[Any, torch.device], Detector]] = Registry("detector")
+
+# A random tiny open_clip tower (set head_width on a tiny vision tower: RESEARCH.md section 5).
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _register_tiny_clip() -> None:
+    import open_clip
+
+    if "tiny-test" in open_clip.list_models():
+        return
+    folder = Path(tempfile.mkdtemp(prefix="resurgence-openclip-"))
+    (folder / "tiny-test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "tiny-test.json")
+
+
+class ClipConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "ViT-B-32"  # an open_clip model name, or tiny-test (random, for tests)
+    pretrained: str | None = "openai"  # open_clip tag (needs its weights cached) or a checkpoint path;
+    # null gives random weights (only sensible for tiny-test)
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)  # zero-shot
+    seed: int = 0  # seeds random weights (tiny-test)
+
+    @model_validator(mode="after")
+    def _known(self) -> ClipConfig:
+        import open_clip
+
+        _register_tiny_clip()
+        if self.model not in open_clip.list_models():
+            raise ValueError(f"model: unknown open_clip model {self.model!r}")
+        p = self.pretrained
+        if p is not None and not os.path.isfile(os.path.expanduser(p)):
+            tags = open_clip.list_pretrained_tags_by_model(self.model)
+            if p not in tags:
+                raise ValueError(
+                    f"pretrained: {p!r} is neither a file nor a tag of {self.model} (tags: {', '.join(tags) or 'none'})")
+        for t in self.templates:
+            if "{}" not in t:
+                raise ValueError(f"templates: {t!r} has no {{}} for the class name")
+        return self
+
+
+class ClipZeroShot:
+    def __init__(self, cfg: ClipConfig, device: torch.device) -> None:
+        import open_clip
+
+        _register_tiny_clip()
+        torch.manual_seed(cfg.seed)
+        pretrained = os.path.expanduser(cfg.pretrained) if cfg.pretrained else None
+        self.model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained,
+                                                                          device=device)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        self.templates = list(cfg.templates)
+        self.device = device
+        pp = open_clip.get_model_preprocess_cfg(self.model)
+        size = pp.get("size", 224)
+        self.size = tuple(size) if isinstance(size, list | tuple) else (size, size)
+        self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(1, 3, 1, 1)
+        self._heads: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def _head(self, classes: list[str]) -> torch.Tensor:
+        key = tuple(classes)
+        if key not in self._heads:
+            import open_clip
+
+            self._heads[key] = open_clip.build_zero_shot_classifier(
+                self.model, self.tokenizer, classes, self.templates, device=self.device)  # (D, K)
+        return self._heads[key]
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        x = F.interpolate(images.to(self.device).float(), size=self.size, mode="bicubic", align_corners=False)
+        x = (x.clamp(0, 1) - self.mean) / self.std
+        feats = F.normalize(self.model.encode_image(x), dim=-1)  # (B, D)
+        return (feats @ self._head(classes)).argmax(dim=-1).cpu()
+
+
+@DETECTORS.register("clip", config=ClipConfig, description="open_clip zero-shot classifier over concept names")
+def clip_detector(cfg: ClipConfig, device: torch.device) -> Detector:
+    return ClipZeroShot(cfg, device)
+
+
+def load_detector(name: str, options: dict[str, Any] | None, device: torch.device) -> Detector:
+    entry = DETECTORS.get(name)
+    cfg = entry.config.model_validate(options or {}) if entry.config else None
+    return entry.obj(cfg, device)
+
+
+# -- presence -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Concept:
+    name: str  # the class name the detector sees
+    prompts: list[str]  # prompts that should draw it
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    images_per_prompt: int = Field(2, ge=1)  # papers use 25-100 images per concept in all
+    steps: int = Field(20, ge=1)  # DDIM steps per image
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 0  # image i of every prompt uses seed + i
+    batch_size: int = Field(16, ge=1)  # images generated at once
+    extra_classes: list[str] = Field(default_factory=list)  # more class names for the detector to choose
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    presence: dict[str, float]  # concept name -> presence
+    samples: dict[str, torch.Tensor]  # concept name -> its first image, (3, H, W) in [0, 1]
+
+    def retention(self, erased: str) -> float:
+        others = [v for k, v in self.presence.items() if k != erased]
+        return sum(others) / len(others) if others else float("nan")
+
+
+def evaluate(model: DiffusionModel, detector: Detector, concepts: list[Concept], cfg: EvalConfig) -> Evaluation:
+    classes = [c.name for c in concepts] + list(cfg.extra_classes)
+    presence: dict[str, float] = {}
+    samples: dict[str, torch.Tensor] = {}
+    for k, concept in enumerate(concepts):
+        jobs = [(p, cfg.seed + i) for p in concept.prompts for i in range(cfg.images_per_prompt)]
+        hits = 0
+        for start in range(0, len(jobs), cfg.batch_size):
+            chunk = jobs[start : start + cfg.batch_size]
+            images = model.generate([p for p, _ in chunk], [s for _, s in chunk], steps=cfg.steps,
+                                    guidance_scale=cfg.guidance_scale)
+            if start == 0:
+                samples[concept.name] = images[0]
+            hits += int((detector.classify(images, classes) == k).sum())
+        presence[concept.name] = hits / len(jobs)
+    return Evaluation(presence, samples)
+
+
+def save_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str], path: Path, scale: int = 2) -> Path:
+    """A labelled PNG grid: one row per stage (e.g. base / erased / fine-tuned), one column per concept."""
+    images = [[to_images(img.unsqueeze(0))[0] for img in row] for _, row in rows]
+    side = max(img.width for row in images for img in row) * scale
+    label_w, head_h = 90, 14
+    grid = Image.new("RGB", (label_w + side * len(columns), head_h + side * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * side + 2, 1), name[: max(4, side // 6)], fill="black")
+    for i, ((label, _), row) in enumerate(zip(rows, images, strict=True)):
+        draw.text((2, head_h + i * side + side // 2 - 5), label, fill="black")
+        for j, img in enumerate(row):
+            grid.paste(img.resize((side, side), Image.Resampling.NEAREST), (label_w + j * side, head_h + i * side))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path

@@ -1,0 +1,361 @@
+"""Text-to-image diffusion models: the model registry and the one wrapper every method works through.
+
+Registered models:
+- `tiny-sd`, `tiny-sdxl`: seeded random models built from config with the real structure (CLIP text
+  encoder(s) with SD's tokenizer, `UNet2DConditionModel` with cross-attention, `AutoencoderKL`, DDIM), in
+  the way diffusers' own tests build theirs. Metrics on them are meaningless; they exercise the code.
+- `pretrained`: any diffusers SD v1.x / SDXL folder or hub id through `from_pretrained` (safetensors only).
+
+`DiffusionModel` gives methods one interface for both families: `encode` (prompt -> conditioning),
+`eps` (UNet noise prediction), `latents_of` (VAE), `denoising_loss` and `generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from methods.registry import Registry
+from methods.tokenizer import clip_tokenizer
+
+Family = Literal["sd", "sdxl"]
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts."""
+
+    prompt_embeds: torch.Tensor  # (B, 77, cross_attention_dim)
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6)
+
+    def repeat(self, n: int) -> Conditioning:
+        """Each prompt's conditioning n times in a row (for n samples per prompt)."""
+        rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
+        extra = None if self.added_cond_kwargs is None else {k: rep(v) for k, v in self.added_cond_kwargs.items()}
+        return Conditioning(rep(self.prompt_embeds), extra)
+
+
+def _concat(a: Conditioning, b: Conditioning) -> Conditioning:
+    extra = None
+    if a.added_cond_kwargs is not None and b.added_cond_kwargs is not None:
+        extra = {k: torch.cat([a.added_cond_kwargs[k], b.added_cond_kwargs[k]]) for k in a.added_cond_kwargs}
+    return Conditioning(torch.cat([a.prompt_embeds, b.prompt_embeds]), extra)
+
+
+class DiffusionModel:
+    """A diffusers SD / SDXL pipeline plus the few operations erasers and fine-tuning share."""
+
+    def __init__(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, name: str) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.family: Family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"
+        # Training noise follows the pipeline's own schedule (betas, prediction type).
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+
+    # -- parts ---------------------------------------------------------------------------------------
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipe.unet
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipe.vae
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        encoders = [self.pipe.text_encoder]
+        if self.family == "sdxl":
+            encoders.append(self.pipe.text_encoder_2)
+        return encoders
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels that the UNet was built for."""
+        return int(self.unet.config.sample_size) * self.pipe.vae_scale_factor
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.pipe.text_encoder}
+        if self.family == "sdxl":
+            parts["text_encoder_2"] = self.pipe.text_encoder_2
+        return parts
+
+    def requires_grad_(self, flag: bool) -> None:
+        for module in self.modules().values():
+            module.requires_grad_(flag)
+
+    # -- operations ----------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Prompt -> conditioning, as the pipelines do it (SDXL: penultimate layers of both encoders
+        concatenated, pooled output of the second, size/crop time ids). Keeps gradients, so text-encoder
+        training can call it."""
+        if self.family == "sd":
+            ids = self._token_ids(self.pipe.tokenizer, prompts)
+            return Conditioning(self.pipe.text_encoder(ids)[0])
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((self.pipe.tokenizer, self.pipe.text_encoder),
+                                   (self.pipe.tokenizer_2, self.pipe.text_encoder_2)):
+            out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # (B, 77, d_i)
+            pooled = out[0]  # the last encoder's projected pooled output, (B, P)
+        size = self.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=hidden[0].dtype)
+        return Conditioning(
+            torch.cat(hidden, dim=-1),  # (B, 77, d_1 + d_2)
+            {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)},
+        )
+
+    def _token_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's prediction (noise, or v for v-prediction models) for noisy latents at timesteps t."""
+        return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds,
+                         added_cond_kwargs=cond.added_cond_kwargs).sample
+
+    @torch.no_grad()
+    def latents_of(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1], (B, 3, H, W) -> scaled VAE latents (B, C, H/f, W/f)."""
+        vae = self.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return (dist.sample(generator) * vae.config.scaling_factor).to(self.dtype)
+
+    def denoising_loss(
+        self, latents: torch.Tensor, cond: Conditioning, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The diffusion training loss E_{t, eps} ||target - eps_theta(z_t, t, c)||^2 (DDPM, Ho et al. 2020),
+        with t uniform over the training timesteps and target = eps (or v for v-prediction)."""
+        sched = self.noise_scheduler
+        b = latents.shape[0]
+        # Drawn on the CPU from a CPU generator, so runs repeat across devices.
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        pred = self.eps(noisy, t, cond)
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def sample_until(
+        self, cond: Conditioning, uncond: Conditioning, *, steps: int, stop_at: int, guidance_scale: float,
+        generator: torch.Generator, unet: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `stop_at` of `steps` DDIM steps with classifier-free guidance from seeded noise and return
+        the partially denoised latents z_t and their timestep t (ESD's `run_till_timestep`).
+        `unet` defaults to this model's; ESD passes its frozen copy."""
+        unet = unet or self.unet
+        sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
+        sched.set_timesteps(steps, device=self.device)
+        b = cond.prompt_embeds.shape[0]
+        c = unet.config
+        shape = (b, c.in_channels, c.sample_size, c.sample_size)
+        z = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        z = z * sched.init_noise_sigma
+        both = _concat(uncond, cond)
+        for t in sched.timesteps[:stop_at]:
+            e = unet(torch.cat([z, z]), t, encoder_hidden_states=both.prompt_embeds,
+                     added_cond_kwargs=both.added_cond_kwargs).sample
+            e_uncond, e_cond = e.chunk(2)
+            z = sched.step(e_uncond + guidance_scale * (e_cond - e_uncond), t, z).prev_sample
+        return z, sched.timesteps[stop_at].expand(b)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float
+    ) -> torch.Tensor:
+        """One image per (prompt, seed) pair with the pipeline's DDIM sampler: (B, 3, H, W) in [0, 1].
+        Each image has its own seeded generator, so a prompt's image does not depend on its batch."""
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        out = self.pipe(
+            prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+            generator=generators, output_type="pt", height=self.resolution, width=self.resolution,
+        )
+        return out.images.float().clamp(0, 1).cpu()
+
+
+# -- the registry ------------------------------------------------------------------------------------
+MODELS: Registry[Any] = Registry("model")
+
+
+class TinyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0  # torch.manual_seed before each component, as in diffusers' tests
+    sample_size: int = Field(16, ge=8, le=64)  # UNet latent side; images are twice that (VAE factor 2)
+
+
+class PretrainedConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str  # a local diffusers folder, or a hub id such as CompVis/stable-diffusion-v1-4
+    allow_download: bool = False  # False: local files and the local HF cache only (no network surprises)
+    revision: str | None = None  # hub revision (branch, tag or commit) for reproducibility
+    variant: str | None = None  # weight variant such as "fp16"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # Half precision only where it is fast; CPU kernels for fp16 are slow and some are missing.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _place(pipe: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    pipe.to(device)
+    if pipe.unet.dtype != dtype:
+        pipe.to(dtype=dtype)
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (RESEARCH.md section 6)
+    return pipe
+
+
+def _tiny_unet(cfg: TinyConfig, sdxl: bool) -> UNet2DConditionModel:
+    torch.manual_seed(cfg.seed)
+    common = dict(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=cfg.sample_size, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    if not sdxl:
+        return UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=8)
+    return UNet2DConditionModel(
+        **common, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
+    )
+
+
+def _tiny_text_config(**extra: Any) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, hidden_act="gelu", **extra,
+    )
+
+
+def _tiny_parts(cfg: TinyConfig) -> tuple[AutoencoderKL, DDIMScheduler]:
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=cfg.sample_size * 2,
+    )
+    scheduler = DDIMScheduler(  # SD v1.4's schedule
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    return vae, scheduler
+
+
+@MODELS.register("tiny-sd", config=TinyConfig, description="seeded random SD-v1-structured model (tests)")
+def tiny_sd(cfg: TinyConfig, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    unet = _tiny_unet(cfg, sdxl=False)
+    vae, scheduler = _tiny_parts(cfg)
+    torch.manual_seed(cfg.seed)
+    text_encoder = CLIPTextModel(_tiny_text_config())
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return DiffusionModel(_place(pipe, device, dtype), "tiny-sd")
+
+
+@MODELS.register("tiny-sdxl", config=TinyConfig, description="seeded random SDXL-structured model (tests)")
+def tiny_sdxl(cfg: TinyConfig, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    unet = _tiny_unet(cfg, sdxl=True)
+    vae, scheduler = _tiny_parts(cfg)
+    torch.manual_seed(cfg.seed)
+    text_encoder = CLIPTextModel(_tiny_text_config())
+    torch.manual_seed(cfg.seed)
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+    return DiffusionModel(_place(pipe, device, dtype), "tiny-sdxl")
+
+
+def pretrained_family(cfg: PretrainedConfig) -> Family:
+    """Which pipeline a pretrained model needs, from its `model_index.json`; raises a one-line
+    ValueError (or FileNotFoundError) when the model is not there. Reads no weights."""
+    local = Path(os.path.expanduser(cfg.path))
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{cfg.path} is not a diffusers model folder (no model_index.json)")
+        for part in ("unet", "vae", "text_encoder"):  # weights load from safetensors only
+            if (local / part).is_dir() and not any((local / part).glob("*.safetensors")):
+                raise FileNotFoundError(f"{cfg.path}/{part} has no .safetensors weights (pickle files are refused)")
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            index = Path(hf_hub_download(cfg.path, "model_index.json", revision=cfg.revision,
+                                         local_files_only=not cfg.allow_download))
+        except LocalEntryNotFoundError:
+            hint = "" if cfg.allow_download else " (set allow_download: true to fetch it from the hub)"
+            raise FileNotFoundError(f"{cfg.path!r} is neither a local folder nor in the HF cache{hint}") from None
+        except (HfHubHTTPError, ValueError, OSError) as err:
+            raise FileNotFoundError(f"cannot fetch {cfg.path!r}: {str(err).splitlines()[0]}") from None
+    class_name = json.loads(index.read_text()).get("_class_name", "")
+    if "XL" in class_name:
+        return "sdxl"
+    if class_name.startswith("StableDiffusion"):
+        return "sd"
+    raise ValueError(f"{cfg.path}: pipeline class {class_name!r} is not a Stable Diffusion v1.x or SDXL one")
+
+
+@MODELS.register("pretrained", config=PretrainedConfig,
+                 description="a diffusers SD v1.x / SDXL folder or hub id (safetensors only)")
+def pretrained(cfg: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
+    family = pretrained_family(cfg)
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    pipe = cls.from_pretrained(
+        os.path.expanduser(cfg.path), use_safetensors=True, local_files_only=not cfg.allow_download,
+        revision=cfg.revision, variant=cfg.variant, dtype=dtype, **extra,
+    )
+    return DiffusionModel(_place(pipe, device, dtype), cfg.path)
+
+
+def load_model(name: str, options: dict[str, Any] | None = None, *, device: str = "auto",
+               dtype: str = "auto") -> DiffusionModel:
+    entry = MODELS.get(name)
+    cfg = entry.config.model_validate(options or {}) if entry.config else None
+    dev = resolve_device(device)
+    model = entry.obj(cfg, dev, resolve_dtype(dtype, dev))
+    model.requires_grad_(False)  # methods switch on exactly what they train
+    return model

@@ -1,0 +1,195 @@
+"""The `resurgence` command (also `python -m orchestrator`).
+
+    resurgence run search_spaces/smoke.yaml            # a local Ray, an Optuna-driven Tune sweep, MLflow
+    resurgence run SPEC --address auto                 # on a running Ray cluster
+    resurgence validate SPEC                           # check a spec; computes nothing
+    resurgence list                                    # registered methods, models, datasets, detectors
+
+Bad input (spec, flags, paths) ends with a one-line error naming the field and exit code 2, before Ray
+starts and before any MLflow run exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, parse_spec
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="resurgence", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the sweep an experiment spec describes")
+    run.add_argument("spec", help="experiment YAML (see search_spaces/)")
+    run.add_argument("--smoke-test", action="store_true", help="apply the spec's `smoke` overrides (tiny run)")
+    run.add_argument("--num-samples", type=_positive_int, help="number of trials (overrides search.num_samples)")
+    run.add_argument("--address", help="Ray cluster address (e.g. auto or ray://host:10001); default: local Ray")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    run.add_argument("--storage-path", help="where Tune keeps results (overrides storage_path)")
+
+    validate = sub.add_parser("validate", help="check a spec without computing anything")
+    validate.add_argument("spec")
+    sub.add_parser("list", help="list registered methods, models, datasets and detectors")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], str]:
+    """Everything checked before compute: the spec with CLI overrides, paths, the tracking URI."""
+    from orchestrator.tracking import check_tracking_uri, default_tracking_uri
+
+    spec, data = load_spec(args.spec)
+    overrides: dict[str, Any] = dict(spec.smoke) if args.smoke_test else {}
+    if args.num_samples is not None:
+        overrides["search.num_samples"] = args.num_samples
+    if args.storage_path is not None:
+        overrides["storage_path"] = args.storage_path
+    data = apply_overrides(data, overrides)
+    # Trials run in other processes (and, on a cluster, other machines): pass absolute paths.
+    data["storage_path"] = os.path.abspath(os.path.expanduser(data.get("storage_path", spec.storage_path)))
+    data["cache_dir"] = os.path.abspath(os.path.expanduser(data.get("cache_dir", spec.cache_dir)))
+    spec = parse_spec(data)
+    for field in ("storage_path", "cache_dir"):
+        try:
+            os.makedirs(getattr(spec, field), exist_ok=True)
+        except OSError as err:
+            raise SpecError(f"{field}: cannot create {getattr(spec, field)} ({err.strerror})") from None
+    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    return spec, data, uri
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec, data, uri = prepare(args)
+    # ---- compute starts here ----
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
+    import ray
+
+    from orchestrator.search import build_tuner
+    from orchestrator.tracking import Tracker, flatten, git_sha, make_callback, version_tags
+
+    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
+    tracker = Tracker(uri, spec.name)
+    parent = tracker.start_run(run_name, {**tags, "stage": "sweep", "method": spec.erase.method,
+                                          "concept": spec.concept.name, "model": spec.model.name})
+    tracker.log(parent, params=flatten({"search": data.get("search", {}), "spec": os.path.basename(args.spec)}))
+    spec_copy = Path(spec.storage_path) / run_name / "experiment.yaml"
+    spec_copy.parent.mkdir(parents=True, exist_ok=True)
+    spec_copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    tracker.artifact(parent, spec_copy)
+
+    status = "FAILED"
+    try:
+        if args.address:
+            ray.init(address=args.address)
+        elif not ray.is_initialized():
+            ray.init(include_dashboard=False)
+        callback = make_callback(tracker, parent, data, tags)
+        tuner = build_tuner(spec, data, run_name=run_name, storage_path=spec.storage_path, callbacks=[callback])
+        results = tuner.fit()
+        rows = summarize(results, spec)
+        ok = [r for r in rows if not r["error"]]
+        best = ok[0] if ok else None
+        tracker.log(parent, metrics=[("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
+                    + ([(f"best_{spec.search.metric}", best[spec.search.metric], 0)] if best else []))
+        print_table(rows, spec)
+        print(f"\nMLflow: {len(rows)} child runs under parent run {parent} (experiment {spec.name!r})")
+        print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
+        status = "FINISHED" if ok else "FAILED"
+        return 0 if ok else 1
+    finally:
+        tracker.end(parent, status)
+
+
+def summarize(results: Any, spec: ExperimentSpec) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial": m.get("trial_id", "?"), "error": r.error is not None, "config": r.config or {}}
+        for key in ("resurgence", "presence", "presence_erased", "presence_base", "retention", "ft_step"):
+            row[key] = m.get(key, float("nan"))
+        rows.append(row)
+    sign = 1 if spec.search.mode == "max" else -1
+    metric = spec.search.metric
+    rows.sort(key=lambda r: (r["error"], -sign * _num(r[metric])))
+    return rows
+
+
+def _num(x: Any) -> float:
+    return x if isinstance(x, int | float) and not math.isnan(x) else -math.inf
+
+
+def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
+    keys = sorted({k for r in rows for k in r["config"]})
+    head = ["rank", "trial", spec.search.metric, "presence_base", "presence_erased", "presence", "retention",
+            "ft_step", *keys]
+    head = list(dict.fromkeys(head))
+    table = [head]
+    for i, r in enumerate(rows[:top], 1):
+        cells = [str(i), r["trial"] + (" (error)" if r["error"] else "")]
+        cells += [_fmt(r[k]) for k in head[2:-len(keys) or None]]
+        cells += [_fmt(r["config"].get(k)) for k in keys]
+        table.append(cells)
+    widths = [max(len(row[j]) for row in table) for j in range(len(head))]
+    print(f"\nBest trials by {spec.search.metric} ({spec.search.mode}), {len(rows)} in all:")
+    for row in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.4g}"
+    return str(x)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec, _ = load_spec(args.spec)
+    dims = ", ".join(spec.search.space) or "none"
+    print(f"{args.spec}: valid ({spec.search.num_samples} trials; model {spec.model.name}, method "
+          f"{spec.erase.method}, dataset {spec.finetune.dataset.name}, detector {spec.evaluate.detector.name}; "
+          f"searching {dims})")
+    return 0
+
+
+def cmd_list(_: argparse.Namespace) -> int:
+    from methods.catalog import REGISTRIES
+
+    for kind, registry in REGISTRIES.items():
+        print(f"{kind}:")
+        for entry in registry:
+            print(f"  {entry.name:<14} {entry.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}[args.command](args)
+    except SpecError as err:
+        print(f"resurgence: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

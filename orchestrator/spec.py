@@ -1,0 +1,290 @@
+"""The experiment spec: a YAML file validated against typed models before any compute starts.
+
+A spec names its components (model, erasure method, fine-tuning dataset, detector) by registry name and
+gives each a `config` mapping that the component's own typed config validates. The search space maps
+dotted paths of the spec (e.g. `finetune.config.lr`) to distributions; every value a distribution can
+produce is checked against the config it lands in, so a trial never starts with a value it would reject.
+
+Every error is a `SpecError` whose message is one line that starts with the field's dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from methods.catalog import DATASETS, DETECTORS, METHODS, MODELS
+from methods.registry import Registry, UnknownNameError
+
+
+class SpecError(ValueError):
+    """A user error in the experiment spec or the command line; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = "tiny-sd"  # a registered model (resurgence list)
+    config: dict[str, Any] = Field(default_factory=dict)  # the model's own options
+    device: str = "auto"  # auto: CUDA when the trial has a GPU, else CPU
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+
+
+class ConceptSpec(_Strict):
+    name: str = Field(min_length=1)  # the class name the detector looks for
+    prompts: list[str] = Field(min_length=1)  # prompts that should draw it (evaluation, and erasure)
+
+
+class EraseSpec(_Strict):
+    method: str = "esd"  # a registered erasure method
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ComponentSpec(_Strict):
+    name: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class FinetuneSpec(_Strict):
+    dataset: ComponentSpec  # a registered dataset and its options
+    config: dict[str, Any] = Field(default_factory=dict)  # methods.finetune.FinetuneConfig
+    eval_every: int = Field(10, ge=1)  # evaluate (and report to Tune) every N fine-tuning steps
+
+
+class EvaluateSpec(_Strict):
+    detector: ComponentSpec = ComponentSpec(name="clip")  # decides which concept an image shows
+    config: dict[str, Any] = Field(default_factory=dict)  # methods.evaluate.EvalConfig
+
+
+class Dimension(_Strict):
+    """One search dimension: exactly one of the keys."""
+
+    loguniform: tuple[float, float] | None = None  # [low, high], sampled on a log scale
+    uniform: tuple[float, float] | None = None  # [low, high]
+    randint: tuple[int, int] | None = None  # [low, high], both included
+    choice: list[Any] | None = None  # categorical
+
+    @model_validator(mode="after")
+    def _one(self) -> Dimension:
+        set_keys = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
+        if len(set_keys) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, randint, choice")
+        kind = set_keys[0]
+        value = getattr(self, kind)
+        if kind == "choice" and not value:
+            raise ValueError("choice needs at least one option")
+        if kind != "choice" and not value[0] < value[1]:
+            raise ValueError(f"{kind} needs low < high, got {list(value)}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values whose validity implies every sampled value's (bounds of ranges, every choice)."""
+        if self.choice is not None:
+            return list(self.choice)
+        low, high = self.loguniform or self.uniform or self.randint  # type: ignore[misc]
+        return [low, high]
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["asha"] = "asha"  # early stopping of unpromising fine-tunes on the metric's curve
+    grace_period: int | None = Field(None, ge=1)  # fine-tune steps before a trial may stop; null: eval_every
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA keeps 1/reduction_factor of trials at each rung
+
+
+class SearchSpec(_Strict):
+    metric: Literal["resurgence", "presence", "retention"] = "resurgence"
+    mode: Literal["max", "min"] = "max"  # the attacker maximizes resurgence
+    num_samples: int = Field(8, ge=1)  # trials
+    seed: int = 0  # seeds Optuna's TPE sampler
+    space: dict[str, Dimension] = Field(default_factory=dict)  # dotted spec path -> distribution
+    scheduler: SchedulerSpec | None = None
+    max_concurrent_trials: int | None = Field(None, ge=1)  # null: as many as resources allow
+
+
+class ResourcesSpec(_Strict):
+    cpu: float = Field(1.0, gt=0)  # CPUs per trial
+    gpu: float = Field(0.0, ge=0)  # GPUs per trial (fractions share a GPU)
+
+
+class ExperimentSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # MLflow experiment and Tune run name
+    seed: int = 0  # erasure seed; the same for every trial, so trials differ only by their hyperparameters
+    model: ModelSpec = ModelSpec()
+    concept: ConceptSpec  # the concept to erase
+    others: list[ConceptSpec] = Field(default_factory=list)  # concepts that must survive (retention)
+    erase: EraseSpec = EraseSpec()
+    finetune: FinetuneSpec
+    evaluate: EvaluateSpec = EvaluateSpec()
+    search: SearchSpec = SearchSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    storage_path: str = "ray_results"  # Tune's results (a shared path on multi-node clusters)
+    cache_dir: str = ".resurgence_cache"  # generated datasets
+    smoke: dict[str, Any] = Field(default_factory=lambda: {"search.num_samples": 2})  # --smoke-test overrides
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ExperimentSpec:
+        names = [self.concept.name] + [c.name for c in self.others]
+        if len(set(names)) != len(names):
+            raise ValueError("others: concept names must be distinct from each other and from concept.name")
+        return self
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+def _format(err: ValidationError, prefix: str = "") -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    if first["type"] not in ("missing",) and not isinstance(got, dict | list) and got is not None:
+        msg += f" (got {got!r})"
+    more = len(err.errors()) - 1
+    return f"{loc or 'spec'}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def parse_spec(data: Any, *, check_search: bool = True) -> ExperimentSpec:
+    if not isinstance(data, dict):
+        raise SpecError("spec: the top level must be a mapping")
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format(err)) from None
+    check_components(spec)
+    if check_search:
+        check_space(spec)
+    return spec
+
+
+def load_spec(path: str | os.PathLike[str]) -> tuple[ExperimentSpec, dict[str, Any]]:
+    """Read and validate a spec file; returns the spec and the raw mapping (for applying overrides)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec: {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"spec: YAML syntax error{where}: {problem}") from None
+    return parse_spec(data), data
+
+
+def _component(registry: Registry[Any], name: str, options: dict[str, Any], field: str) -> Any:
+    try:
+        entry = registry.get(name)
+    except UnknownNameError as err:
+        raise SpecError(f"{field}: {err}") from None
+    if entry.config is None:
+        if options:
+            raise SpecError(f"{field}: {name!r} takes no config")
+        return None
+    try:
+        return entry.config.model_validate(options)
+    except ValidationError as err:
+        raise SpecError(_format(err, prefix=field.rsplit(".", 1)[0] + ".config")) from None
+
+
+def check_components(spec: ExperimentSpec) -> dict[str, Any]:
+    """Validate each component name and its config; returns the typed configs by section."""
+    from methods.evaluate import EvalConfig
+    from methods.finetune import FinetuneConfig
+
+    configs = {
+        "model": _component(MODELS, spec.model.name, spec.model.config, "model.name"),
+        "erase": _component(METHODS, spec.erase.method, spec.erase.config, "erase.method"),
+        "dataset": _component(DATASETS, spec.finetune.dataset.name, spec.finetune.dataset.config,
+                              "finetune.dataset.name"),
+        "detector": _component(DETECTORS, spec.evaluate.detector.name, spec.evaluate.detector.config,
+                               "evaluate.detector.name"),
+    }
+    for key, cls, section, field in (("finetune", FinetuneConfig, spec.finetune.config, "finetune.config"),
+                                     ("evaluate", EvalConfig, spec.evaluate.config, "evaluate.config")):
+        try:
+            configs[key] = cls.model_validate(section)
+        except ValidationError as err:
+            raise SpecError(_format(err, prefix=field)) from None
+    if spec.model.name == "pretrained":
+        from methods.models import pretrained_family
+
+        try:
+            pretrained_family(configs["model"])
+        except (FileNotFoundError, ValueError) as err:
+            raise SpecError(f"model.config.path: {err}") from None
+    if spec.model.device not in ("auto", "cpu") and not spec.model.device.startswith("cuda"):
+        raise SpecError(f"model.device: expected auto, cpu or cuda[:N] (got {spec.model.device!r})")
+    return configs
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of `data` with the dotted `path` set to `value` (intermediate mappings are created)."""
+    out = copy.deepcopy(data)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{path}: {key!r} is not a mapping in the spec")
+        node = child
+    node[keys[-1]] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for path, value in overrides.items():
+        data = set_path(data, path, value)
+    return data
+
+
+def check_space(spec: ExperimentSpec) -> None:
+    """Every search path must name a spec field, and every value it can take must validate there."""
+    base = spec.model_dump(mode="python")
+    for path, dim in spec.search.space.items():
+        if path.split(".")[0] in ("search", "resources", "storage_path", "cache_dir", "smoke", "name"):
+            raise SpecError(f"search.space.{path}: only trial settings can be searched, not {path.split('.')[0]}")
+        for value in dim.extremes():
+            try:
+                candidate = ExperimentSpec.model_validate(set_path(base, path, value))
+                check_components(candidate)
+            except ValidationError as err:
+                raise SpecError(f"search.space.{path}: value {value!r} is invalid: {_format(err)}") from None
+            except SpecError as err:
+                raise SpecError(f"search.space.{path}: value {value!r} is invalid: {err}") from None
+
+
+def trial_spec(spec_data: dict[str, Any], overrides: dict[str, Any]) -> ExperimentSpec:
+    """The resolved spec of one trial: the experiment with the trial's sampled values applied."""
+    return parse_spec(apply_overrides(spec_data, overrides), check_search=False)
+
+
+def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
+    """The spec of one trial with every component config filled in with its defaults (what MLflow logs
+    as params and what reproduces the trial)."""
+    configs = check_components(spec)
+    out = spec.model_dump(mode="json", exclude={"search", "smoke"})
+    out["model"]["config"] = configs["model"].model_dump(mode="json") if configs["model"] else {}
+    out["erase"]["config"] = configs["erase"].model_dump(mode="json") if configs["erase"] else {}
+    out["finetune"]["dataset"]["config"] = configs["dataset"].model_dump(mode="json") if configs["dataset"] else {}
+    out["finetune"]["config"] = configs["finetune"].model_dump(mode="json")
+    out["evaluate"]["detector"]["config"] = configs["detector"].model_dump(mode="json") if configs["detector"] else {}
+    out["evaluate"]["config"] = configs["evaluate"].model_dump(mode="json")
+    return out
+
+
+def max_finetune_steps(spec: ExperimentSpec) -> int:
+    dim = spec.search.space.get("finetune.config.steps")
+    if dim is not None:
+        return int(max(dim.extremes()))
+    from methods.finetune import FinetuneConfig
+
+    return FinetuneConfig.model_validate(spec.finetune.config).steps

@@ -1,0 +1,124 @@
+"""One trial: erase -> evaluate -> fine-tune, evaluating every `eval_every` steps, as a chain of stages.
+
+`execute_trial` is plain Python (the benchmark calls it in a loop); `tune_trainable` is the same trial as
+a Ray Tune function trainable. Reports carry `ft_step` (the monotonic step ASHA uses), `presence`,
+`resurgence` (= presence - presence right after erasure), `retention`, and once-per-trial constants
+(`presence_base`, `presence_erased`, ...).
+
+Workers are warm: a worker process keeps the base model, its evaluation and the detector across the
+trials it runs (Tune's `reuse_actors`), and every trial works on its own copy of the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from methods.catalog import DATASETS, METHODS
+from methods.datasets import DataContext
+from methods.evaluate import Concept, Detector, Evaluation, evaluate, load_detector, save_grid
+from methods.models import DiffusionModel, load_model
+from orchestrator.spec import ExperimentSpec, check_components, trial_spec
+
+Report = Callable[[dict[str, Any]], None]
+
+# Reported every evaluation, as metric histories over `ft_step`; and once per trial.
+CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss")
+ONCE_METRICS = ("presence_base", "presence_erased", "retention_base", "retention_erased", "erase_seconds")
+
+
+@dataclass
+class Warm:
+    model: DiffusionModel  # pristine base model: never trained, only copied
+    detector: Detector
+    base: Evaluation  # evaluation of the base model
+
+
+_WARM: dict[str, Warm] = {}  # per worker process, keyed by what determines it
+
+
+def _concepts(spec: ExperimentSpec) -> list[Concept]:
+    return [Concept(c.name, list(c.prompts)) for c in (spec.concept, *spec.others)]
+
+
+def model_key(spec: ExperimentSpec) -> str:
+    """A stable identity of the base model (cache keys of generated data)."""
+    return json.dumps(spec.model.model_dump(), sort_keys=True)
+
+
+def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
+    key = json.dumps([spec.model.model_dump(), spec.evaluate.model_dump(),
+                      [c.model_dump() for c in (spec.concept, *spec.others)]], sort_keys=True)
+    if key not in _WARM:
+        _WARM.clear()  # one experiment per worker at a time; don't hold several models
+        model = load_model(spec.model.name, spec.model.config, device=spec.model.device, dtype=spec.model.dtype)
+        detector = load_detector(spec.evaluate.detector.name, spec.evaluate.detector.config, model.device)
+        base = evaluate(model, detector, _concepts(spec), configs["evaluate"])
+        _WARM[key] = Warm(model, detector, base)
+    return _WARM[key]
+
+
+def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> dict[str, Any]:
+    """Run one trial and return its last report."""
+    configs = check_components(spec)
+    warm = warm_state(spec, configs)
+    concepts = _concepts(spec)
+    erased_name = spec.concept.name
+
+    # Stage 1: erase a copy of the base model.
+    model = copy.deepcopy(warm.model)
+    start = time.perf_counter()
+    METHODS.get(spec.erase.method).obj(model, list(spec.concept.prompts), configs["erase"], seed=spec.seed)
+    erase_seconds = time.perf_counter() - start
+
+    # Stage 2: evaluate the erased model.
+    erased = evaluate(model, warm.detector, concepts, configs["evaluate"])
+    once = {
+        "presence_base": warm.base.presence[erased_name],
+        "presence_erased": erased.presence[erased_name],
+        "retention_base": warm.base.retention(erased_name),
+        "retention_erased": erased.retention(erased_name),
+        "erase_seconds": erase_seconds,
+    }
+    grid = artifact_dir / "samples.png"
+    names = [c.name for c in concepts]
+
+    def metrics(step: int, ev: Evaluation, loss: float) -> dict[str, Any]:
+        p = ev.presence[erased_name]
+        return {"ft_step": step, "presence": p, "resurgence": p - once["presence_erased"],
+                "retention": ev.retention(erased_name), "ft_loss": loss, **once, "samples_png": str(grid)}
+
+    rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]
+    save_grid(rows, names, grid)
+    last = metrics(0, erased, float("nan"))
+    report(last)
+
+    # Stage 3: fine-tune, evaluating every eval_every steps.
+    ds_entry = DATASETS.get(spec.finetune.dataset.name)
+    data = ds_entry.obj(configs["dataset"], DataContext(resolution=model.resolution, cache_dir=Path(spec.cache_dir),
+                                                        model=warm.model, model_key=model_key(spec)))
+
+    def on_eval(step: int, loss: float) -> None:
+        nonlocal last
+        ev = evaluate(model, warm.detector, concepts, configs["evaluate"])
+        save_grid([*rows, (f"ft {step}", [ev.samples[n] for n in names])], names, grid)
+        last = metrics(step, ev, loss)
+        report(last)
+
+    from methods.finetune import finetune
+
+    finetune(model, data, configs["finetune"], every=spec.finetune.eval_every, callback=on_eval)
+    return last
+
+
+def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any]) -> None:
+    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path."""
+    from ray import tune
+
+    spec = trial_spec(spec_data, config)
+    execute_trial(spec, tune.report, Path(tune.get_context().get_trial_dir()))
