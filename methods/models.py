@@ -311,6 +311,8 @@ def pretrained_family(cfg: PretrainedConfig) -> Family:
     """Which pipeline a pretrained model needs, from its `model_index.json`; raises a one-line
     ValueError (or FileNotFoundError) when the model is not there. Reads no weights."""
     local = Path(os.path.expanduser(cfg.path))
+    if cfg.path.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise FileNotFoundError(f"{cfg.path}: no such folder")
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():

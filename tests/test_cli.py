@@ -1,0 +1,120 @@
+"""Bad input: a one-line error naming the field, exit code 2, before Ray starts, and no MLflow run."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from tests.conftest import REPO
+
+SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+
+
+def _spec(tmp_path, **changes):
+    data = yaml.safe_load(yaml.safe_dump(SMOKE))
+    for path, value in changes.items():
+        node = data
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        if value is DELETE:
+            node.pop(keys[-1])
+        else:
+            node[keys[-1]] = value
+    out = tmp_path / "spec.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+DELETE = object()
+
+BAD = [
+    ({"erase__method": "nope"}, "erase.method: unknown method 'nope' (known: esd)"),
+    ({"model__name": "sd-99"}, "model.name: unknown model 'sd-99' (known: pretrained, tiny-sd, tiny-sdxl)"),
+    ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip)"),
+    ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: generated, "),
+    ({"erase__config__iterations": "many"}, "erase.config.iterations: Input should be a valid integer"),
+    ({"erase__config__eta": -1}, "erase.config.eta: Input should be greater than 0"),
+    ({"erase__config__etaa": 1}, "erase.config.etaa: Extra inputs are not permitted"),
+    ({"finetune__config__lr": 0}, "finetune.config.lr: Input should be greater than 0"),
+    ({"finetune__config__trainable": "everything"}, "finetune.config.trainable: Input should be"),
+    ({"search__num_samples": 0}, "search.num_samples: Input should be greater than or equal to 1"),
+    ({"search__mode": "up"}, "search.mode: Input should be 'max' or 'min'"),
+    ({"finetune__eval_every": 1.5}, "finetune.eval_every: Input should be a valid integer"),
+    ({"concept": DELETE}, "concept: Field required"),
+    ({"concept__prompts": []}, "concept.prompts: List should have at least 1 item"),
+    ({"finetune__dataset": {"name": "imagefolder", "config": {"path": "/no/such/dir"}}},
+     "finetune.dataset.config.path: /no/such/dir: no such folder"),
+    ({"model": {"name": "pretrained", "config": {"path": "/no/such/model"}}},
+     "model.config.path: /no/such/model: no such folder"),
+    ({"model": {"name": "pretrained", "config": {"path": "nobody/no-such-model"}}},
+     "model.config.path: 'nobody/no-such-model' is neither a local folder nor in the HF cache (set allow_download"),
+    ({"search__space__finetune.config.lr": {"loguniform": [-1, 1]}}, "search.space.finetune.config.lr: "),
+    ({"search__space__finetune.config.lr": {"uniform": [0.0, 1e-3]}},
+     "search.space.finetune.config.lr: value 0.0 is invalid: finetune.config.lr: Input should be greater than 0"),
+    ({"search__space__finetune.config.optimizr": {"choice": ["sgd"]}},
+     "search.space.finetune.config.optimizr: value 'sgd' is invalid: finetune.config.optimizr: Extra inputs"),
+    ({"search__space__search.seed": {"choice": [1]}}, "search.space.search.seed: only trial settings"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD, ids=[next(iter(c)) for c, _ in BAD])
+def test_bad_spec_exits_2_before_anything_runs(tmp_path, monkeypatch, capsys, changes, message):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tmp_path, **changes)
+    rc = main(["run", str(spec)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("resurgence: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_yaml_syntax_error(tmp_path, capsys):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: x\nconcept: {name: a, prompts: [\n")
+    assert main(["validate", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "spec: YAML syntax error at line" in err and err.count("\n") == 1
+
+
+def test_missing_spec_file(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "none.yaml")]) == 2
+    assert "none.yaml: no such file" in capsys.readouterr().err
+
+
+def test_bad_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = _spec(tmp_path)
+    assert main(["run", str(spec), "--tracking-uri", "ftp://x/y"]) == 2
+    assert "--tracking-uri: unsupported scheme 'ftp'" in capsys.readouterr().err
+    assert main(["run", str(spec), "--tracking-uri", f"sqlite:///{tmp_path}/no/such/dir/m.db"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(spec), "--num-samples", "0"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_console_script_bad_input_has_no_traceback(tmp_path, isolated_env):
+    spec = _spec(tmp_path, erase__method="nope")
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec)], cwd=tmp_path,
+                         env=isolated_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "resurgence: error: erase.method: unknown method 'nope' (known: esd)"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_validate_and_list(capsys):
+    assert main(["validate", str(REPO / "search_spaces" / "smoke.yaml")]) == 0
+    assert "valid (4 trials" in capsys.readouterr().out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for line in ("methods:", "  esd ", "models:", "  tiny-sd ", "  pretrained ", "datasets:", "  parquet ",
+                 "detectors:", "  clip "):
+        assert line in out

@@ -1,0 +1,59 @@
+import torch
+
+from methods.evaluate import Concept, EvalConfig, evaluate, load_detector, save_grid
+
+CONCEPTS = [Concept("circle", ["a circle", "a ring"]), Concept("square", ["a square"])]
+
+
+class Fixed:
+    """A detector that always answers one class: presence must follow exactly."""
+
+    def __init__(self, answer: str):
+        self.answer = answer
+
+    def classify(self, images, classes):
+        return torch.full((images.shape[0],), classes.index(self.answer))
+
+
+def test_presence_counts_detector_answers(tiny_sd):
+    cfg = EvalConfig(images_per_prompt=3, steps=2, batch_size=2)
+    ev = evaluate(tiny_sd, Fixed("square"), CONCEPTS, cfg)
+    assert ev.presence == {"circle": 0.0, "square": 1.0}
+    assert ev.retention("circle") == 1.0 and ev.retention("square") == 0.0
+    ev = evaluate(tiny_sd, Fixed("dog"), CONCEPTS, EvalConfig(images_per_prompt=1, steps=2, extra_classes=["dog"]))
+    assert ev.presence == {"circle": 0.0, "square": 0.0}
+
+
+def test_clip_evaluation_is_deterministic(tiny_sd):
+    det = load_detector("clip", {"model": "tiny-test", "pretrained": None}, torch.device("cpu"))
+    cfg = EvalConfig(images_per_prompt=4, steps=3)
+    a = evaluate(tiny_sd, det, CONCEPTS, cfg)
+    b = evaluate(tiny_sd, det, CONCEPTS, cfg)
+    assert a.presence == b.presence
+    assert all(0.0 <= v <= 1.0 for v in a.presence.values())
+    assert torch.equal(a.samples["circle"], b.samples["circle"])
+    images = tiny_sd.generate(["a circle"] * 3, [0, 1, 2], steps=2, guidance_scale=7.5)
+    assert det.classify(images, ["circle", "square"]).shape == (3,)
+
+
+def test_clip_config_validation():
+    import pytest
+    from pydantic import ValidationError
+
+    from methods.evaluate import ClipConfig
+
+    with pytest.raises(ValidationError, match="unknown open_clip model"):
+        ClipConfig(model="ViT-Z-99")
+    with pytest.raises(ValidationError, match="neither a file nor a tag"):
+        ClipConfig(model="ViT-B-32", pretrained="/no/such/file.safetensors")
+    with pytest.raises(ValidationError, match="has no"):
+        ClipConfig(model="tiny-test", pretrained=None, templates=["a photo"])
+
+
+def test_grid_png(tmp_path, tiny_sd):
+    imgs = tiny_sd.generate(["a", "b"], [0, 1], steps=2, guidance_scale=1.0)
+    path = save_grid([("base", [imgs[0], imgs[1]]), ("erased", [imgs[1], imgs[0]])], ["a", "b"], tmp_path / "g.png")
+    from PIL import Image
+
+    grid = Image.open(path)
+    assert grid.width > 2 * tiny_sd.resolution and grid.height > 2 * tiny_sd.resolution
