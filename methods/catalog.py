@@ -17,9 +17,13 @@ from methods.registry import Registry
 
 # An eraser: erase(model, prompts, cfg, *, seed, log) -> result with `.trained` (names of changed params).
 METHODS: Registry[Callable[..., Any]] = Registry("method")
-METHODS.register("esd", config=esd.ESDConfig,
-                 description="ESD (Gandikota 2023): negative-guidance fine-tuning, ESD-x / ESD-u")(esd.erase)
+METHODS.register(
+    "esd", config=esd.ESDConfig, description="ESD (Gandikota 2023): negative-guidance fine-tuning, ESD-x / ESD-u"
+)(esd.erase)
 
 REGISTRIES: dict[str, Registry[Any]] = {
-    "methods": METHODS, "models": MODELS, "datasets": DATASETS, "detectors": DETECTORS,
+    "methods": METHODS,
+    "models": MODELS,
+    "datasets": DATASETS,
+    "detectors": DETECTORS,
 }

@@ -59,8 +59,10 @@ def to_pixels(images: list[Image.Image], resolution: int) -> torch.Tensor:
     for img in images:
         img = img.convert("RGB")
         scale = resolution / min(img.size)
-        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-                         Image.Resampling.BICUBIC)
+        img = img.resize(
+            (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+            Image.Resampling.BICUBIC,
+        )
         left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
         img = img.crop((left, top, left + resolution, top + resolution))
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)  # (R, R, 3)
@@ -100,12 +102,17 @@ def read_metadata(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
             rec = json.loads(line)
             rows.append((folder / rec["file_name"], str(rec[caption_column])))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{folder}/metadata.jsonl line {n}: needs file_name and {caption_column!r} ({err})") from None
+            raise ValueError(
+                f"{folder}/metadata.jsonl line {n}: needs file_name and {caption_column!r} ({err})"
+            ) from None
     return rows
 
 
-@DATASETS.register("imagefolder", config=ImageFolderConfig,
-                   description="images + metadata.jsonl captions in a folder (HF imagefolder convention)")
+@DATASETS.register(
+    "imagefolder",
+    config=ImageFolderConfig,
+    description="images + metadata.jsonl captions in a folder (HF imagefolder convention)",
+)
 def image_folder(cfg: ImageFolderConfig, ctx: DataContext) -> CaptionedImages:
     rows = read_metadata(Path(os.path.expanduser(cfg.path)), cfg.caption_column)[: cfg.limit]
     missing = [str(p) for p, _ in rows if not p.is_file()]
@@ -141,8 +148,9 @@ class ParquetConfig(BaseModel):
         return self
 
 
-@DATASETS.register("parquet", config=ParquetConfig,
-                   description="a Parquet file with image bytes and captions (read with pyarrow)")
+@DATASETS.register(
+    "parquet", config=ParquetConfig, description="a Parquet file with image bytes and captions (read with pyarrow)"
+)
 def parquet(cfg: ParquetConfig, ctx: DataContext) -> CaptionedImages:
     import pyarrow.parquet as pq
 
@@ -172,8 +180,11 @@ def cache_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@DATASETS.register("generated", config=GeneratedConfig,
-                   description="images the base model generates from a prompt list (cached on disk)")
+@DATASETS.register(
+    "generated",
+    config=GeneratedConfig,
+    description="images the base model generates from a prompt list (cached on disk)",
+)
 def generated(cfg: GeneratedConfig, ctx: DataContext) -> CaptionedImages:
     key = cache_key({"model": ctx.model_key, "resolution": ctx.resolution, **cfg.model_dump()})
     folder = ctx.cache_dir / "generated" / key
@@ -185,8 +196,9 @@ def generated(cfg: GeneratedConfig, ctx: DataContext) -> CaptionedImages:
         lines = []
         for p_idx, prompt in enumerate(cfg.prompts):
             seeds = [cfg.seed + i for i in range(cfg.images_per_prompt)]
-            images = ctx.model.generate([prompt] * len(seeds), seeds, steps=cfg.steps,
-                                        guidance_scale=cfg.guidance_scale)
+            images = ctx.model.generate(
+                [prompt] * len(seeds), seeds, steps=cfg.steps, guidance_scale=cfg.guidance_scale
+            )
             for i, img in enumerate(to_images(images)):
                 name = f"{p_idx:04d}_{i:03d}.png"
                 img.save(tmp / name)

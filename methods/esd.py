@@ -97,12 +97,21 @@ def erase(
         stop_at = int(torch.randint(0, cfg.sample_steps - 1, (1,), generator=generator))
         with torch.no_grad():
             cond = model.encode(batch)
-            x_t, t = model.sample_until(cond, null, steps=cfg.sample_steps, stop_at=stop_at,
-                                        guidance_scale=cfg.start_guidance, generator=generator, unet=frozen)
-            e_0 = frozen(x_t, t, encoder_hidden_states=null.prompt_embeds,
-                         added_cond_kwargs=null.added_cond_kwargs).sample  # eps*(x_t, t)
-            e_p = frozen(x_t, t, encoder_hidden_states=cond.prompt_embeds,
-                         added_cond_kwargs=cond.added_cond_kwargs).sample  # eps*(x_t, c, t)
+            x_t, t = model.sample_until(
+                cond,
+                null,
+                steps=cfg.sample_steps,
+                stop_at=stop_at,
+                guidance_scale=cfg.start_guidance,
+                generator=generator,
+                unet=frozen,
+            )
+            e_0 = frozen(
+                x_t, t, encoder_hidden_states=null.prompt_embeds, added_cond_kwargs=null.added_cond_kwargs
+            ).sample  # eps*(x_t, t)
+            e_p = frozen(
+                x_t, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs
+            ).sample  # eps*(x_t, c, t)
             target = e_0 - cfg.eta * (e_p - e_0)
         e_n = model.eps(x_t, t, cond)  # eps_theta(x_t, c, t)
         loss = torch.nn.functional.mse_loss(e_n.float(), target.float())

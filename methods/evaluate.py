@@ -79,7 +79,8 @@ class ClipConfig(BaseModel):
             tags = open_clip.list_pretrained_tags_by_model(self.model)
             if p not in tags:
                 raise ValueError(
-                    f"pretrained: {p!r} is neither a file nor a tag of {self.model} (tags: {', '.join(tags) or 'none'})")
+                    f"pretrained: {p!r} is neither a file nor a tag of {self.model} (tags: {', '.join(tags) or 'none'})"
+                )
         for t in self.templates:
             if "{}" not in t:
                 raise ValueError(f"templates: {t!r} has no {{}} for the class name")
@@ -93,8 +94,9 @@ class ClipZeroShot:
         _register_tiny_clip()
         torch.manual_seed(cfg.seed)
         pretrained = os.path.expanduser(cfg.pretrained) if cfg.pretrained else None
-        self.model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained,
-                                                                          device=device)
+        self.model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg.model, pretrained=pretrained, device=device
+        )
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         self.templates = list(cfg.templates)
@@ -112,7 +114,8 @@ class ClipZeroShot:
             import open_clip
 
             self._heads[key] = open_clip.build_zero_shot_classifier(
-                self.model, self.tokenizer, classes, self.templates, device=self.device)  # (D, K)
+                self.model, self.tokenizer, classes, self.templates, device=self.device
+            )  # (D, K)
         return self._heads[key]
 
     @torch.no_grad()
@@ -171,8 +174,9 @@ def evaluate(model: DiffusionModel, detector: Detector, concepts: list[Concept],
         hits = 0
         for start in range(0, len(jobs), cfg.batch_size):
             chunk = jobs[start : start + cfg.batch_size]
-            images = model.generate([p for p, _ in chunk], [s for _, s in chunk], steps=cfg.steps,
-                                    guidance_scale=cfg.guidance_scale)
+            images = model.generate(
+                [p for p, _ in chunk], [s for _, s in chunk], steps=cfg.steps, guidance_scale=cfg.guidance_scale
+            )
             if start == 0:
                 samples[concept.name] = images[0]
             hits += int((detector.classify(images, classes) == k).sum())

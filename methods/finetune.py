@@ -49,15 +49,21 @@ def select_trainable(model: DiffusionModel, cfg: FinetuneConfig) -> dict[str, to
     """Switch on gradients for the configured subset (adding LoRA adapters if asked) and return it."""
     model.requires_grad_(False)
     if cfg.trainable == "lora":
-        model.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank,
-                                          init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        model.unet.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+            )
+        )
         chosen = {f"unet.{n}": p for n, p in model.unet.named_parameters() if "lora_" in n}
     elif cfg.trainable == "text_encoder":
-        chosen = {f"{key}.{n}": p for key, enc in model.modules().items() if key.startswith("text_encoder")
-                  for n, p in enc.named_parameters()}
+        chosen = {
+            f"{key}.{n}": p
+            for key, enc in model.modules().items()
+            if key.startswith("text_encoder")
+            for n, p in enc.named_parameters()
+        }
     else:
-        chosen = {f"unet.{n}": p for n, p in model.unet.named_parameters()
-                  if cfg.trainable == "full" or "attn2" in n}
+        chosen = {f"unet.{n}": p for n, p in model.unet.named_parameters() if cfg.trainable == "full" or "attn2" in n}
     for p in chosen.values():
         p.requires_grad_(True)
     return chosen

@@ -116,8 +116,10 @@ class DiffusionModel:
             ids = self._token_ids(self.pipe.tokenizer, prompts)
             return Conditioning(self.pipe.text_encoder(ids)[0])
         hidden, pooled = [], None
-        for tokenizer, encoder in ((self.pipe.tokenizer, self.pipe.text_encoder),
-                                   (self.pipe.tokenizer_2, self.pipe.text_encoder_2)):
+        for tokenizer, encoder in (
+            (self.pipe.tokenizer, self.pipe.text_encoder),
+            (self.pipe.tokenizer_2, self.pipe.text_encoder_2),
+        ):
             out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # (B, 77, d_i)
             pooled = out[0]  # the last encoder's projected pooled output, (B, P)
@@ -130,14 +132,18 @@ class DiffusionModel:
 
     def _token_ids(self, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
         return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
 
     def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's prediction (noise, or v for v-prediction models) for noisy latents at timesteps t."""
-        return self.unet(latents, t, encoder_hidden_states=cond.prompt_embeds,
-                         added_cond_kwargs=cond.added_cond_kwargs).sample
+        return self.unet(
+            latents, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs
+        ).sample
 
     @torch.no_grad()
     def latents_of(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -163,8 +169,15 @@ class DiffusionModel:
 
     @torch.no_grad()
     def sample_until(
-        self, cond: Conditioning, uncond: Conditioning, *, steps: int, stop_at: int, guidance_scale: float,
-        generator: torch.Generator, unet: torch.nn.Module | None = None,
+        self,
+        cond: Conditioning,
+        uncond: Conditioning,
+        *,
+        steps: int,
+        stop_at: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        unet: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run `stop_at` of `steps` DDIM steps with classifier-free guidance from seeded noise and return
         the partially denoised latents z_t and their timestep t (ESD's `run_till_timestep`).
@@ -179,22 +192,26 @@ class DiffusionModel:
         z = z * sched.init_noise_sigma
         both = _concat(uncond, cond)
         for t in sched.timesteps[:stop_at]:
-            e = unet(torch.cat([z, z]), t, encoder_hidden_states=both.prompt_embeds,
-                     added_cond_kwargs=both.added_cond_kwargs).sample
+            e = unet(
+                torch.cat([z, z]), t, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=both.added_cond_kwargs
+            ).sample
             e_uncond, e_cond = e.chunk(2)
             z = sched.step(e_uncond + guidance_scale * (e_cond - e_uncond), t, z).prev_sample
         return z, sched.timesteps[stop_at].expand(b)
 
     @torch.no_grad()
-    def generate(
-        self, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float
-    ) -> torch.Tensor:
+    def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float) -> torch.Tensor:
         """One image per (prompt, seed) pair with the pipeline's DDIM sampler: (B, 3, H, W) in [0, 1].
         Each image has its own seeded generator, so a prompt's image does not depend on its batch."""
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         out = self.pipe(
-            prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
-            generator=generators, output_type="pt", height=self.resolution, width=self.resolution,
+            prompt=list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            output_type="pt",
+            height=self.resolution,
+            width=self.resolution,
         )
         return out.images.float().clamp(0, 1).cpu()
 
@@ -244,36 +261,60 @@ def _place(pipe: Any, device: torch.device, dtype: torch.dtype) -> Any:
 def _tiny_unet(cfg: TinyConfig, sdxl: bool) -> UNet2DConditionModel:
     torch.manual_seed(cfg.seed)
     common = dict(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=cfg.sample_size, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=cfg.sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
     if not sdxl:
         return UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=8)
     return UNet2DConditionModel(
-        **common, cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
+        **common,
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
     )
 
 
 def _tiny_text_config(**extra: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, hidden_act="gelu", **extra,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=49408,
+        hidden_act="gelu",
+        **extra,
     )
 
 
 def _tiny_parts(cfg: TinyConfig) -> tuple[AutoencoderKL, DDIMScheduler]:
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(
-        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
         sample_size=cfg.sample_size * 2,
     )
     scheduler = DDIMScheduler(  # SD v1.4's schedule
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
     )
     return vae, scheduler
 
@@ -285,8 +326,14 @@ def tiny_sd(cfg: TinyConfig, device: torch.device, dtype: torch.dtype) -> Diffus
     torch.manual_seed(cfg.seed)
     text_encoder = CLIPTextModel(_tiny_text_config())
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     return DiffusionModel(_place(pipe, device, dtype), "tiny-sd")
 
@@ -300,9 +347,15 @@ def tiny_sdxl(cfg: TinyConfig, device: torch.device, dtype: torch.dtype) -> Diff
     torch.manual_seed(cfg.seed)
     text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(projection_dim=32))
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     return DiffusionModel(_place(pipe, device, dtype), "tiny-sdxl")
 
@@ -325,8 +378,11 @@ def pretrained_family(cfg: PretrainedConfig) -> Family:
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         try:
-            index = Path(hf_hub_download(cfg.path, "model_index.json", revision=cfg.revision,
-                                         local_files_only=not cfg.allow_download))
+            index = Path(
+                hf_hub_download(
+                    cfg.path, "model_index.json", revision=cfg.revision, local_files_only=not cfg.allow_download
+                )
+            )
         except LocalEntryNotFoundError:
             hint = "" if cfg.allow_download else " (set allow_download: true to fetch it from the hub)"
             raise FileNotFoundError(f"{cfg.path!r} is neither a local folder nor in the HF cache{hint}") from None
@@ -340,21 +396,28 @@ def pretrained_family(cfg: PretrainedConfig) -> Family:
     raise ValueError(f"{cfg.path}: pipeline class {class_name!r} is not a Stable Diffusion v1.x or SDXL one")
 
 
-@MODELS.register("pretrained", config=PretrainedConfig,
-                 description="a diffusers SD v1.x / SDXL folder or hub id (safetensors only)")
+@MODELS.register(
+    "pretrained", config=PretrainedConfig, description="a diffusers SD v1.x / SDXL folder or hub id (safetensors only)"
+)
 def pretrained(cfg: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
     family = pretrained_family(cfg)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     pipe = cls.from_pretrained(
-        os.path.expanduser(cfg.path), use_safetensors=True, local_files_only=not cfg.allow_download,
-        revision=cfg.revision, variant=cfg.variant, dtype=dtype, **extra,
+        os.path.expanduser(cfg.path),
+        use_safetensors=True,
+        local_files_only=not cfg.allow_download,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        dtype=dtype,
+        **extra,
     )
     return DiffusionModel(_place(pipe, device, dtype), cfg.path)
 
 
-def load_model(name: str, options: dict[str, Any] | None = None, *, device: str = "auto",
-               dtype: str = "auto") -> DiffusionModel:
+def load_model(
+    name: str, options: dict[str, Any] | None = None, *, device: str = "auto", dtype: str = "auto"
+) -> DiffusionModel:
     entry = MODELS.get(name)
     cfg = entry.config.model_validate(options or {}) if entry.config else None
     dev = resolve_device(device)

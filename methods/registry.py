@@ -35,9 +35,7 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(
-        self, name: str, *, config: type[BaseModel] | None = None, description: str
-    ) -> Callable[[T], T]:
+    def register(self, name: str, *, config: type[BaseModel] | None = None, description: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")

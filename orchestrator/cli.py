@@ -91,8 +91,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
     tracker = Tracker(uri, spec.name)
-    parent = tracker.start_run(run_name, {**tags, "stage": "sweep", "method": spec.erase.method,
-                                          "concept": spec.concept.name, "model": spec.model.name})
+    parent = tracker.start_run(
+        run_name,
+        {**tags, "stage": "sweep", "method": spec.erase.method, "concept": spec.concept.name, "model": spec.model.name},
+    )
     tracker.log(parent, params=flatten({"search": data.get("search", {}), "spec": os.path.basename(args.spec)}))
     spec_copy = Path(spec.storage_path) / run_name / "experiment.yaml"
     spec_copy.parent.mkdir(parents=True, exist_ok=True)
@@ -111,8 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows = summarize(results, spec)
         ok = [r for r in rows if not r["error"]]
         best = ok[0] if ok else None
-        tracker.log(parent, metrics=[("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
-                    + ([(f"best_{spec.search.metric}", best[spec.search.metric], 0)] if best else []))
+        tracker.log(
+            parent,
+            metrics=[("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
+            + ([(f"best_{spec.search.metric}", best[spec.search.metric], 0)] if best else []),
+        )
         print_table(rows, spec)
         print(f"\nMLflow: {len(rows)} child runs under parent run {parent} (experiment {spec.name!r})")
         print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
@@ -142,13 +147,22 @@ def _num(x: Any) -> float:
 
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
     keys = sorted({k for r in rows for k in r["config"]})
-    head = ["rank", "trial", spec.search.metric, "presence_base", "presence_erased", "presence", "retention",
-            "ft_step", *keys]
+    head = [
+        "rank",
+        "trial",
+        spec.search.metric,
+        "presence_base",
+        "presence_erased",
+        "presence",
+        "retention",
+        "ft_step",
+        *keys,
+    ]
     head = list(dict.fromkeys(head))
     table = [head]
     for i, r in enumerate(rows[:top], 1):
         cells = [str(i), r["trial"] + (" (error)" if r["error"] else "")]
-        cells += [_fmt(r[k]) for k in head[2:-len(keys) or None]]
+        cells += [_fmt(r[k]) for k in head[2 : -len(keys) or None]]
         cells += [_fmt(r["config"].get(k)) for k in keys]
         table.append(cells)
     widths = [max(len(row[j]) for row in table) for j in range(len(head))]
@@ -166,9 +180,11 @@ def _fmt(x: Any) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, _ = load_spec(args.spec)
     dims = ", ".join(spec.search.space) or "none"
-    print(f"{args.spec}: valid ({spec.search.num_samples} trials; model {spec.model.name}, method "
-          f"{spec.erase.method}, dataset {spec.finetune.dataset.name}, detector {spec.evaluate.detector.name}; "
-          f"searching {dims})")
+    print(
+        f"{args.spec}: valid ({spec.search.num_samples} trials; model {spec.model.name}, method "
+        f"{spec.erase.method}, dataset {spec.finetune.dataset.name}, detector {spec.evaluate.detector.name}; "
+        f"searching {dims})"
+    )
     return 0
 
 

@@ -26,8 +26,9 @@ def tune_domain(dim: Dimension) -> Any:
     return tune.choice(list(dim.choice or []))
 
 
-def build_tuner(spec: ExperimentSpec, spec_data: dict[str, Any], *, run_name: str, storage_path: str,
-                callbacks: list[Any]) -> Any:
+def build_tuner(
+    spec: ExperimentSpec, spec_data: dict[str, Any], *, run_name: str, storage_path: str, callbacks: list[Any]
+) -> Any:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -43,7 +44,8 @@ def build_tuner(spec: ExperimentSpec, spec_data: dict[str, Any], *, run_name: st
     scheduler = None
     if s.scheduler is not None:
         scheduler = ASHAScheduler(
-            time_attr="ft_step", max_t=max_finetune_steps(spec),
+            time_attr="ft_step",
+            max_t=max_finetune_steps(spec),
             grace_period=s.scheduler.grace_period or spec.finetune.eval_every,
             reduction_factor=s.scheduler.reduction_factor,
         )
@@ -55,11 +57,18 @@ def build_tuner(spec: ExperimentSpec, spec_data: dict[str, Any], *, run_name: st
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=s.metric, mode=s.mode, search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+            metric=s.metric,
+            mode=s.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials,
             reuse_actors=True,  # warm workers keep torch, the base model and the detector loaded
         ),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=os.path.abspath(storage_path), callbacks=callbacks, verbose=1,
+            name=run_name,
+            storage_path=os.path.abspath(storage_path),
+            callbacks=callbacks,
+            verbose=1,
         ),
     )

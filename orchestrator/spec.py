@@ -201,13 +201,17 @@ def check_components(spec: ExperimentSpec) -> dict[str, Any]:
     configs = {
         "model": _component(MODELS, spec.model.name, spec.model.config, "model.name"),
         "erase": _component(METHODS, spec.erase.method, spec.erase.config, "erase.method"),
-        "dataset": _component(DATASETS, spec.finetune.dataset.name, spec.finetune.dataset.config,
-                              "finetune.dataset.name"),
-        "detector": _component(DETECTORS, spec.evaluate.detector.name, spec.evaluate.detector.config,
-                               "evaluate.detector.name"),
+        "dataset": _component(
+            DATASETS, spec.finetune.dataset.name, spec.finetune.dataset.config, "finetune.dataset.name"
+        ),
+        "detector": _component(
+            DETECTORS, spec.evaluate.detector.name, spec.evaluate.detector.config, "evaluate.detector.name"
+        ),
     }
-    for key, cls, section, field in (("finetune", FinetuneConfig, spec.finetune.config, "finetune.config"),
-                                     ("evaluate", EvalConfig, spec.evaluate.config, "evaluate.config")):
+    for key, cls, section, field in (
+        ("finetune", FinetuneConfig, spec.finetune.config, "finetune.config"),
+        ("evaluate", EvalConfig, spec.evaluate.config, "evaluate.config"),
+    ):
         try:
             configs[key] = cls.model_validate(section)
         except ValidationError as err:

@@ -35,8 +35,10 @@ def check_tracking_uri(uri: str) -> str:
     """Reject a tracking URI that cannot work, before anything runs; returns it unchanged."""
     scheme = urlparse(uri).scheme.split("+")[0]
     if scheme not in TRACKING_SCHEMES:
-        raise SpecError(f"--tracking-uri: unsupported scheme {scheme or 'none'!r} in {uri!r} "
-                        f"(use one of {', '.join(TRACKING_SCHEMES)}; e.g. sqlite:///mlflow.db)")
+        raise SpecError(
+            f"--tracking-uri: unsupported scheme {scheme or 'none'!r} in {uri!r} "
+            f"(use one of {', '.join(TRACKING_SCHEMES)}; e.g. sqlite:///mlflow.db)"
+        )
     if scheme == "sqlite":
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.parent.is_dir():
@@ -50,8 +52,13 @@ def git_sha() -> str:
     if os.environ.get("RESURGENCE_GIT_SHA"):
         return os.environ["RESURGENCE_GIT_SHA"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
@@ -95,14 +102,18 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
-    def log(self, run_id: str, params: dict[str, str] | None = None,
-            metrics: list[tuple[str, float, int]] | None = None) -> None:
+    def log(
+        self, run_id: str, params: dict[str, str] | None = None, metrics: list[tuple[str, float, int]] | None = None
+    ) -> None:
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
         params_list = [Param(k, v) for k, v in (params or {}).items()]
-        metric_list = [Metric(k, float(v), now, int(step)) for k, v, step in (metrics or [])
-                       if isinstance(v, int | float) and math.isfinite(v)]
+        metric_list = [
+            Metric(k, float(v), now, int(step))
+            for k, v, step in (metrics or [])
+            if isinstance(v, int | float) and math.isfinite(v)
+        ]
         for i in range(0, len(params_list), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params_list[i : i + PARAMS_PER_BATCH])
         for i in range(0, len(metric_list), METRICS_PER_BATCH):
@@ -132,9 +143,14 @@ def make_callback(tracker: Tracker, parent_id: str, spec_data: dict[str, Any], t
             if trial.trial_id in self.runs:  # a restarted trial keeps its run
                 return
             resolved = resolved_config(trial_spec(spec_data, trial.config))
-            run_tags = {**tags, "trial_id": trial.trial_id, "method": resolved["erase"]["method"],
-                        "concept": resolved["concept"]["name"], "model": resolved["model"]["name"],
-                        "stage": "trial"}
+            run_tags = {
+                **tags,
+                "trial_id": trial.trial_id,
+                "method": resolved["erase"]["method"],
+                "concept": resolved["concept"]["name"],
+                "model": resolved["model"]["name"],
+                "stage": "trial",
+            }
             run_id = tracker.start_run(f"trial-{trial.trial_id}", run_tags, parent=parent_id)
             self.runs[trial.trial_id] = run_id
             tracker.log(run_id, params=flatten(resolved))

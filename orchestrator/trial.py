@@ -52,8 +52,10 @@ def model_key(spec: ExperimentSpec) -> str:
 
 
 def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
-    key = json.dumps([spec.model.model_dump(), spec.evaluate.model_dump(),
-                      [c.model_dump() for c in (spec.concept, *spec.others)]], sort_keys=True)
+    key = json.dumps(
+        [spec.model.model_dump(), spec.evaluate.model_dump(), [c.model_dump() for c in (spec.concept, *spec.others)]],
+        sort_keys=True,
+    )
     if key not in _WARM:
         _WARM.clear()  # one experiment per worker at a time; don't hold several models
         model = load_model(spec.model.name, spec.model.config, device=spec.model.device, dtype=spec.model.dtype)
@@ -90,8 +92,15 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
 
     def metrics(step: int, ev: Evaluation, loss: float) -> dict[str, Any]:
         p = ev.presence[erased_name]
-        return {"ft_step": step, "presence": p, "resurgence": p - once["presence_erased"],
-                "retention": ev.retention(erased_name), "ft_loss": loss, **once, "samples_png": str(grid)}
+        return {
+            "ft_step": step,
+            "presence": p,
+            "resurgence": p - once["presence_erased"],
+            "retention": ev.retention(erased_name),
+            "ft_loss": loss,
+            **once,
+            "samples_png": str(grid),
+        }
 
     rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]
     save_grid(rows, names, grid)
@@ -100,8 +109,12 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
 
     # Stage 3: fine-tune, evaluating every eval_every steps.
     ds_entry = DATASETS.get(spec.finetune.dataset.name)
-    data = ds_entry.obj(configs["dataset"], DataContext(resolution=model.resolution, cache_dir=Path(spec.cache_dir),
-                                                        model=warm.model, model_key=model_key(spec)))
+    data = ds_entry.obj(
+        configs["dataset"],
+        DataContext(
+            resolution=model.resolution, cache_dir=Path(spec.cache_dir), model=warm.model, model_key=model_key(spec)
+        ),
+    )
 
     def on_eval(step: int, loss: float) -> None:
         nonlocal last

@@ -42,8 +42,14 @@ def isolated_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a CLI subprocess: its own HOME (Ray writes an auth token under ~/.ray) and a short
     RAY_TMPDIR (Ray's socket paths must stay under ~107 characters)."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(REPO),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     (tmp_path / "home").mkdir()
     return env
 

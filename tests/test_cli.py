@@ -45,17 +45,27 @@ BAD = [
     ({"finetune__eval_every": 1.5}, "finetune.eval_every: Input should be a valid integer"),
     ({"concept": DELETE}, "concept: Field required"),
     ({"concept__prompts": []}, "concept.prompts: List should have at least 1 item"),
-    ({"finetune__dataset": {"name": "imagefolder", "config": {"path": "/no/such/dir"}}},
-     "finetune.dataset.config.path: /no/such/dir: no such folder"),
-    ({"model": {"name": "pretrained", "config": {"path": "/no/such/model"}}},
-     "model.config.path: /no/such/model: no such folder"),
-    ({"model": {"name": "pretrained", "config": {"path": "nobody/no-such-model"}}},
-     "model.config.path: 'nobody/no-such-model' is neither a local folder nor in the HF cache (set allow_download"),
+    (
+        {"finetune__dataset": {"name": "imagefolder", "config": {"path": "/no/such/dir"}}},
+        "finetune.dataset.config.path: /no/such/dir: no such folder",
+    ),
+    (
+        {"model": {"name": "pretrained", "config": {"path": "/no/such/model"}}},
+        "model.config.path: /no/such/model: no such folder",
+    ),
+    (
+        {"model": {"name": "pretrained", "config": {"path": "nobody/no-such-model"}}},
+        "model.config.path: 'nobody/no-such-model' is neither a local folder nor in the HF cache (set allow_download",
+    ),
     ({"search__space__finetune.config.lr": {"loguniform": [-1, 1]}}, "search.space.finetune.config.lr: "),
-    ({"search__space__finetune.config.lr": {"uniform": [0.0, 1e-3]}},
-     "search.space.finetune.config.lr: value 0.0 is invalid: finetune.config.lr: Input should be greater than 0"),
-    ({"search__space__finetune.config.optimizr": {"choice": ["sgd"]}},
-     "search.space.finetune.config.optimizr: value 'sgd' is invalid: finetune.config.optimizr: Extra inputs"),
+    (
+        {"search__space__finetune.config.lr": {"uniform": [0.0, 1e-3]}},
+        "search.space.finetune.config.lr: value 0.0 is invalid: finetune.config.lr: Input should be greater than 0",
+    ),
+    (
+        {"search__space__finetune.config.optimizr": {"choice": ["sgd"]}},
+        "search.space.finetune.config.optimizr: value 'sgd' is invalid: finetune.config.optimizr: Extra inputs",
+    ),
     ({"search__space__search.seed": {"choice": [1]}}, "search.space.search.seed: only trial settings"),
 ]
 
@@ -103,8 +113,14 @@ def test_bad_flags(tmp_path, monkeypatch, capsys):
 
 def test_console_script_bad_input_has_no_traceback(tmp_path, isolated_env):
     spec = _spec(tmp_path, erase__method="nope")
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "run", str(spec)], cwd=tmp_path,
-                         env=isolated_env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(spec)],
+        cwd=tmp_path,
+        env=isolated_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2
     assert out.stderr.strip() == "resurgence: error: erase.method: unknown method 'nope' (known: esd)"
     assert not (tmp_path / "mlflow.db").exists()
@@ -115,6 +131,15 @@ def test_validate_and_list(capsys):
     assert "valid (4 trials" in capsys.readouterr().out
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for line in ("methods:", "  esd ", "models:", "  tiny-sd ", "  pretrained ", "datasets:", "  parquet ",
-                 "detectors:", "  clip "):
+    for line in (
+        "methods:",
+        "  esd ",
+        "models:",
+        "  tiny-sd ",
+        "  pretrained ",
+        "datasets:",
+        "  parquet ",
+        "detectors:",
+        "  clip ",
+    ):
         assert line in out

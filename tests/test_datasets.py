@@ -68,11 +68,13 @@ def test_generated_is_cached_on_disk(tiny_sd, tmp_path):
     first = DATASETS.get("generated").obj(cfg, ctx)
     assert first.captions == ["a dog", "a dog", "a cat", "a cat"]
     # the second load needs no model: it reads the cached folder
-    again = DATASETS.get("generated").obj(cfg, DataContext(resolution=tiny_sd.resolution, cache_dir=tmp_path,
-                                                           model=None, model_key="tiny"))
+    again = DATASETS.get("generated").obj(
+        cfg, DataContext(resolution=tiny_sd.resolution, cache_dir=tmp_path, model=None, model_key="tiny")
+    )
     assert torch.allclose(first.pixels, again.pixels)
     assert len(list((tmp_path / "generated").iterdir())) == 1
     # another model identity is another cache entry
     with pytest.raises(ValueError, match="needs the base model"):
-        DATASETS.get("generated").obj(cfg, DataContext(resolution=tiny_sd.resolution, cache_dir=tmp_path,
-                                                       model=None, model_key="other"))
+        DATASETS.get("generated").obj(
+            cfg, DataContext(resolution=tiny_sd.resolution, cache_dir=tmp_path, model=None, model_key="other")
+        )

@@ -16,8 +16,14 @@ def resurgence_cmd() -> list[str]:
 
 
 def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
-    out = subprocess.run([*resurgence_cmd(), "run", str(REPO / "search_spaces" / "smoke.yaml")], cwd=tmp_path,
-                         env=isolated_env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [*resurgence_cmd(), "run", str(REPO / "search_spaces" / "smoke.yaml")],
+        cwd=tmp_path,
+        env=isolated_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "Best trials by resurgence (max), 4 in all:" in out.stdout

@@ -20,7 +20,9 @@ def test_lora_leaves_base_weights_untouched(tiny_sd):
     after = tiny_sd.unet.state_dict()
     # every original tensor is still there and equal (peft renames wrapped weights to *.base_layer.*)
     for key, value in before.items():
-        new_key = key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        new_key = (
+            key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
         assert torch.equal(value, after[new_key]), key
     lora = [v for k, v in after.items() if "lora_B" in k]
     assert lora and any(v.abs().sum() > 0 for v in lora)  # the adapters did train
@@ -46,8 +48,13 @@ def test_trainable_subsets(tiny_sd, trainable, part):
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
 def test_optimizers_and_callback_steps(tiny_sd, optimizer):
     seen = []
-    result = finetune(tiny_sd, _data(tiny_sd, 3), FinetuneConfig(optimizer=optimizer, steps=7, batch_size=2),
-                      every=3, callback=lambda step, loss: seen.append(step))
+    result = finetune(
+        tiny_sd,
+        _data(tiny_sd, 3),
+        FinetuneConfig(optimizer=optimizer, steps=7, batch_size=2),
+        every=3,
+        callback=lambda step, loss: seen.append(step),
+    )
     assert seen == [3, 6, 7]  # every 3 steps, and the last one
     assert len(result.losses) == 7 and all(torch.isfinite(torch.tensor(result.losses)))
 
