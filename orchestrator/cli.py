@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,14 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
             os.makedirs(getattr(spec, field), exist_ok=True)
         except OSError as err:
             raise SpecError(f"{field}: cannot create {getattr(spec, field)} ({err.strerror})") from None
+    if spec.resources.gpu > 0 and not args.address:
+        import torch
+
+        if torch.cuda.device_count() < spec.resources.gpu:
+            raise SpecError(
+                f"resources.gpu: trials ask for {spec.resources.gpu} GPU(s) but this machine has "
+                f"{torch.cuda.device_count()} (pass --address for a cluster)"
+            )
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     return spec, data, uri
 
@@ -90,23 +99,46 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
-    tracker = Tracker(uri, spec.name)
-    parent = tracker.start_run(
-        run_name,
-        {**tags, "stage": "sweep", "method": spec.erase.method, "concept": spec.concept.name, "model": spec.model.name},
-    )
-    tracker.log(parent, params=flatten({"search": data.get("search", {}), "spec": os.path.basename(args.spec)}))
-    spec_copy = Path(spec.storage_path) / run_name / "experiment.yaml"
-    spec_copy.parent.mkdir(parents=True, exist_ok=True)
-    spec_copy.write_text(yaml.safe_dump(data, sort_keys=False))
-    tracker.artifact(parent, spec_copy)
+
+    def open_sweep() -> tuple[Tracker, str]:
+        """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds)."""
+        tracker = Tracker(uri, spec.name)
+        sweep_tags = {
+            **tags,
+            "stage": "sweep",
+            "method": spec.erase.method,
+            "concept": spec.concept.name,
+            "model": spec.model.name,
+        }
+        parent = tracker.start_run(run_name, sweep_tags)
+        tracker.log(parent, params=flatten({"search": data.get("search", {}), "spec": os.path.basename(args.spec)}))
+        spec_copy = Path(spec.storage_path) / run_name / "experiment.yaml"
+        spec_copy.parent.mkdir(parents=True, exist_ok=True)
+        spec_copy.write_text(yaml.safe_dump(data, sort_keys=False))
+        tracker.artifact(parent, spec_copy)
+        return tracker, parent
+
+    if args.address:  # connect first: a wrong address is bad input, and must not leave an MLflow run behind
+        check_address(args.address)
+        try:
+            ray.init(address=args.address)
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
+        tracker, parent = open_sweep()
+    else:  # a local Ray's start-up and MLflow's setup overlap: both take seconds, neither needs the other
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            opening = pool.submit(open_sweep)
+            if not ray.is_initialized():
+                try:
+                    ray.init(include_dashboard=False)
+                except BaseException:
+                    tracker, parent = opening.result()
+                    tracker.end(parent, "FAILED")
+                    raise
+            tracker, parent = opening.result()
 
     status = "FAILED"
     try:
-        if args.address:
-            ray.init(address=args.address)
-        elif not ray.is_initialized():
-            ray.init(include_dashboard=False)
         callback = make_callback(tracker, parent, data, tags)
         tuner = build_tuner(spec, data, run_name=run_name, storage_path=spec.storage_path, callbacks=[callback])
         results = tuner.fit()
@@ -139,6 +171,27 @@ def summarize(results: Any, spec: ExperimentSpec) -> list[dict[str, Any]]:
     metric = spec.search.metric
     rows.sort(key=lambda r: (r["error"], -sign * _num(r[metric])))
     return rows
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if parsed.hostname is None or parsed.port is None:
+        raise SpecError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT (got {address!r})")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+    except OSError as err:
+        raise SpecError(f"--address: nothing answers at {parsed.hostname}:{parsed.port} ({err})") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _num(x: Any) -> float:

@@ -229,18 +229,24 @@ def check_components(spec: ExperimentSpec) -> dict[str, Any]:
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A copy of `data` with the dotted `path` set to `value` (intermediate mappings are created)."""
+    """A copy of `data` with the dotted `path` set to `value` (intermediate mappings are created).
+    Keys of `search.space` contain dots themselves: below it, the rest of the path is one key."""
     out = copy.deepcopy(data)
     node = out
     keys = path.split(".")
-    for key in keys[:-1]:
+    i = 0
+    while i < len(keys) - 1:
+        if keys[:i] == ["search", "space"]:
+            break
+        key = keys[i]
         child = node.get(key)
         if child is None:
             child = node[key] = {}
         if not isinstance(child, dict):
             raise SpecError(f"{path}: {key!r} is not a mapping in the spec")
         node = child
-    node[keys[-1]] = value
+        i += 1
+    node[".".join(keys[i:])] = value
     return out
 
 

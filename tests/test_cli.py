@@ -105,6 +105,10 @@ def test_bad_flags(tmp_path, monkeypatch, capsys):
     assert "--tracking-uri: unsupported scheme 'ftp'" in capsys.readouterr().err
     assert main(["run", str(spec), "--tracking-uri", f"sqlite:///{tmp_path}/no/such/dir/m.db"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["run", str(spec), "--address", "127.0.0.1:1"]) == 2
+    assert "--address: nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+    assert main(["run", str(spec), "--address", "no-port"]) == 2
+    assert "--address: expected auto, HOST:PORT" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run", str(spec), "--num-samples", "0"])
     assert exc.value.code == 2
@@ -143,3 +147,28 @@ def test_validate_and_list(capsys):
         "  clip ",
     ):
         assert line in out
+
+
+def test_smoke_test_and_flag_overrides(tmp_path, monkeypatch):
+    from orchestrator.cli import parse_args, prepare
+
+    monkeypatch.chdir(tmp_path)
+    spec_path = str(REPO / "search_spaces" / "smoke.yaml")
+    spec, data, uri = prepare(parse_args(["run", spec_path, "--smoke-test"]))
+    assert spec.search.num_samples == 2 and spec.finetune.config["steps"] == 10
+    assert spec.search.space["finetune.config.steps"].choice == [5, 10]  # a dotted key of search.space
+    assert set(spec.search.space) == {"finetune.config.lr", "finetune.config.trainable", "finetune.config.steps"}
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert data["storage_path"] == str(tmp_path / "ray_results")  # absolute, for trials in other processes
+    spec, _, _ = prepare(parse_args(["run", spec_path, "--num-samples", "7", "--storage-path", "elsewhere"]))
+    assert spec.search.num_samples == 7 and spec.storage_path == str(tmp_path / "elsewhere")
+
+
+def test_gpu_request_without_gpu(tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(_spec(tmp_path, resources={"cpu": 1, "gpu": 1}))]) == 2
+    assert "resources.gpu: trials ask for 1.0 GPU(s) but this machine has 0" in capsys.readouterr().err
