@@ -95,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import ray
 
     from orchestrator.search import build_tuner
-    from orchestrator.tracking import Tracker, flatten, git_sha, make_callback, version_tags
+    from orchestrator.tracking import MlflowTrials, Tracker, flatten, git_sha, version_tags
 
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
@@ -118,30 +118,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker.artifact(parent, spec_copy)
         return tracker, parent
 
-    if args.address:  # connect first: a wrong address is bad input, and must not leave an MLflow run behind
-        check_address(args.address)
-        try:
-            ray.init(address=args.address)
-        except (ConnectionError, ValueError, RuntimeError) as err:
-            raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
-        tracker, parent = open_sweep()
-    else:  # a local Ray's start-up and MLflow's setup overlap: both take seconds, neither needs the other
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            opening = pool.submit(open_sweep)
-            if not ray.is_initialized():
-                try:
-                    ray.init(include_dashboard=False)
-                except BaseException:
-                    tracker, parent = opening.result()
-                    tracker.end(parent, "FAILED")
-                    raise
-            tracker, parent = opening.result()
-
+    if args.address:
+        check_address(args.address)  # a wrong address is bad input: fail before any MLflow run exists
+    try:
+        ray.init(address=args.address) if args.address else ray.init(include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
+    # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
+    # which import torch and diffusers in their own processes; the callback waits for it on first use.
+    pool = ThreadPoolExecutor(max_workers=1)
+    opening = pool.submit(open_sweep)
+    pool.shutdown(wait=False)
     status = "FAILED"
     try:
-        callback = make_callback(tracker, parent, data, tags)
+        callback = MlflowTrials(opening.result, data, tags)
         tuner = build_tuner(spec, data, run_name=run_name, storage_path=spec.storage_path, callbacks=[callback])
         results = tuner.fit()
+        tracker, parent = opening.result()
         rows = summarize(results, spec)
         ok = [r for r in rows if not r["error"]]
         best = ok[0] if ok else None
@@ -156,7 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = "FINISHED" if ok else "FAILED"
         return 0 if ok else 1
     finally:
-        tracker.end(parent, status)
+        if opening.exception() is None:
+            tracker, parent = opening.result()
+            tracker.end(parent, status)
 
 
 def summarize(results: Any, spec: ExperimentSpec) -> list[dict[str, Any]]:

@@ -13,12 +13,16 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from orchestrator.spec import SpecError
+from ray.tune import Callback
+
+from orchestrator.spec import SpecError, resolved_config, trial_spec
+from orchestrator.trial import CURVE_METRICS, ONCE_METRICS
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value, in characters
 PARAMS_PER_BATCH = 100  # MlflowClient.log_batch limits
@@ -126,61 +130,65 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
 
-def make_callback(tracker: Tracker, parent_id: str, spec_data: dict[str, Any], tags: dict[str, str]) -> Any:
-    """A Ray Tune callback that mirrors every trial into a child run of `parent_id`."""
-    from ray.tune import Callback
+class MlflowTrials(Callback):
+    """A Ray Tune callback that mirrors every trial into a child run of the sweep's parent run.
+    `sweep()` gives the tracker and the parent run id; it may block until MLflow is set up."""
 
-    from orchestrator.spec import resolved_config, trial_spec
-    from orchestrator.trial import CURVE_METRICS, ONCE_METRICS
+    def __init__(self, sweep: Callable[[], tuple[Tracker, str]], spec_data: dict[str, Any], tags: dict[str, str]):
+        self.sweep = sweep
+        self.spec_data = spec_data
+        self.tags = tags
+        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.logged_once: set[str] = set()
+        self.artifacts: dict[str, str] = {}
 
-    class MlflowTrials(Callback):
-        def __init__(self) -> None:
-            self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
-            self.logged_once: set[str] = set()
-            self.artifacts: dict[str, str] = {}
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the MLflow connection (a Future of a
+        # thread, a client) does not travel and is given again to a resumed sweep.
+        return {**self.__dict__, "sweep": None}
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if trial.trial_id in self.runs:  # a restarted trial keeps its run
-                return
-            resolved = resolved_config(trial_spec(spec_data, trial.config))
-            run_tags = {
-                **tags,
-                "trial_id": trial.trial_id,
-                "method": resolved["erase"]["method"],
-                "concept": resolved["concept"]["name"],
-                "model": resolved["model"]["name"],
-                "stage": "trial",
-            }
-            run_id = tracker.start_run(f"trial-{trial.trial_id}", run_tags, parent=parent_id)
-            self.runs[trial.trial_id] = run_id
-            tracker.log(run_id, params=flatten(resolved))
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.runs:  # a restarted trial keeps its run
+            return
+        tracker, parent_id = self.sweep()
+        resolved = resolved_config(trial_spec(self.spec_data, trial.config))
+        run_tags = {
+            **self.tags,
+            "trial_id": trial.trial_id,
+            "method": resolved["erase"]["method"],
+            "concept": resolved["concept"]["name"],
+            "model": resolved["model"]["name"],
+            "stage": "trial",
+        }
+        run_id = tracker.start_run(f"trial-{trial.trial_id}", run_tags, parent=parent_id)
+        self.runs[trial.trial_id] = run_id
+        tracker.log(run_id, params=flatten(resolved))
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None or "ft_step" not in result:
-                return
-            step = int(result["ft_step"])
-            batch = [(k, result[k], step) for k in CURVE_METRICS if k in result]
-            if trial.trial_id not in self.logged_once:
-                batch += [(k, result[k], 0) for k in ONCE_METRICS if k in result]
-                self.logged_once.add(trial.trial_id)
-            tracker.log(run_id, metrics=batch)
-            if "samples_png" in result:
-                self.artifacts[trial.trial_id] = result["samples_png"]
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None or "ft_step" not in result:
+            return
+        step = int(result["ft_step"])
+        batch = [(k, result[k], step) for k in CURVE_METRICS if k in result]
+        if trial.trial_id not in self.logged_once:
+            batch += [(k, result[k], 0) for k in ONCE_METRICS if k in result]
+            self.logged_once.add(trial.trial_id)
+        self.sweep()[0].log(run_id, metrics=batch)
+        if "samples_png" in result:
+            self.artifacts[trial.trial_id] = result["samples_png"]
 
-        def _close(self, trial: Any, status: str) -> None:
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None:
-                return
-            png = self.artifacts.get(trial.trial_id)
-            if png and Path(png).is_file():
-                tracker.artifact(run_id, png)
-            tracker.end(run_id, status)
+    def _close(self, trial: Any, status: str) -> None:
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is None:
+            return
+        tracker = self.sweep()[0]
+        png = self.artifacts.get(trial.trial_id)
+        if png and Path(png).is_file():
+            tracker.artifact(run_id, png)
+        tracker.end(run_id, status)
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._close(trial, "FINISHED")
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FINISHED")
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._close(trial, "FAILED")
-
-    return MlflowTrials()
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._close(trial, "FAILED")
