@@ -84,37 +84,35 @@ def erase(
     unet = model.unet
     frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # eps*: the original model (a 2nd copy)
     params = trainable_parameters(unet, cfg.variant)
+    model.master_weights(list(params.values()))
     for p in params.values():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
-        null = model.encode([""] * cfg.batch_size)
+        null = model.unconditional(cfg.batch_size)
     losses: list[float] = []
     unet.train()
     for it in range(cfg.iterations):
         batch = [prompts[(it * cfg.batch_size + i) % len(prompts)] for i in range(cfg.batch_size)]
         stop_at = int(torch.randint(0, cfg.sample_steps - 1, (1,), generator=generator))
+        seeds = torch.randint(0, 2**31 - 1, (cfg.batch_size,), generator=generator).tolist()
         with torch.no_grad():
             cond = model.encode(batch)
-            x_t, t = model.sample_until(
+            x_t, t = model.sample(
                 cond,
                 null,
+                model.noise(seeds),
                 steps=cfg.sample_steps,
                 stop_at=stop_at,
                 guidance_scale=cfg.start_guidance,
-                generator=generator,
                 unet=frozen,
             )
-            e_0 = frozen(
-                x_t, t, encoder_hidden_states=null.prompt_embeds, added_cond_kwargs=null.added_cond_kwargs
-            ).sample  # eps*(x_t, t)
-            e_p = frozen(
-                x_t, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs
-            ).sample  # eps*(x_t, c, t)
+            e_0 = model.eps(x_t, t, null, frozen)  # eps*(x_t, t)
+            e_p = model.eps(x_t, t, cond, frozen)  # eps*(x_t, c, t)
             target = e_0 - cfg.eta * (e_p - e_0)
         e_n = model.eps(x_t, t, cond)  # eps_theta(x_t, c, t)
-        loss = torch.nn.functional.mse_loss(e_n.float(), target.float())
+        loss = torch.nn.functional.mse_loss(e_n, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

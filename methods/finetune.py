@@ -92,6 +92,7 @@ def finetune(
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     latents = model.latents_of(data.pixels, generator)  # (N, 4, h, w): the VAE is frozen, encode once
     params = select_trainable(model, cfg)
+    model.master_weights(list(params.values()))
     optimizer = _optimizer(list(params.values()), cfg)
     for module in model.modules().values():
         module.train()

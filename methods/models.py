@@ -64,6 +64,7 @@ class DiffusionModel:
         self.pipe = pipe
         self.name = name
         self.family: Family = "sdxl" if isinstance(pipe, StableDiffusionXLPipeline) else "sd"
+        self.dtype = pipe.unet.dtype  # compute dtype: what the weights were loaded in
         # Training noise follows the pipeline's own schedule (betas, prediction type).
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -89,10 +90,6 @@ class DiffusionModel:
         return self.unet.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
-
-    @property
     def resolution(self) -> int:
         """Image side in pixels that the UNet was built for."""
         return int(self.unet.config.sample_size) * self.pipe.vae_scale_factor
@@ -112,19 +109,23 @@ class DiffusionModel:
         """Prompt -> conditioning, as the pipelines do it (SDXL: penultimate layers of both encoders
         concatenated, pooled output of the second, size/crop time ids). Keeps gradients, so text-encoder
         training can call it."""
+        with self.autocast():
+            return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> Conditioning:
         if self.family == "sd":
             ids = self._token_ids(self.pipe.tokenizer, prompts)
-            return Conditioning(self.pipe.text_encoder(ids)[0])
+            return Conditioning(self.pipe.text_encoder(ids)[0].float())
         hidden, pooled = [], None
         for tokenizer, encoder in (
             (self.pipe.tokenizer, self.pipe.text_encoder),
             (self.pipe.tokenizer_2, self.pipe.text_encoder_2),
         ):
             out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # (B, 77, d_i)
-            pooled = out[0]  # the last encoder's projected pooled output, (B, P)
+            hidden.append(out.hidden_states[-2].float())  # (B, 77, d_i)
+            pooled = out[0].float()  # the last encoder's projected pooled output, (B, P)
         size = self.resolution
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=hidden[0].dtype)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=torch.float32)
         return Conditioning(
             torch.cat(hidden, dim=-1),  # (B, 77, d_1 + d_2)
             {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)},
@@ -139,18 +140,48 @@ class DiffusionModel:
             return_tensors="pt",
         ).input_ids.to(self.device)
 
-    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The UNet's prediction (noise, or v for v-prediction models) for noisy latents at timesteps t."""
-        return self.unet(
-            latents, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs
-        ).sample
+    def autocast(self) -> torch.autocast:
+        """Mixed precision for UNet and text-encoder forward passes: weights stored in half precision run
+        in it, and trained (fp32 master) weights are cast on the fly. Off for fp32 models."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def master_weights(self, params: list[torch.nn.Parameter]) -> None:
+        """Keep trained parameters in fp32 (Adam on half-precision weights loses small updates:
+        RESEARCH.md section 6); forward passes run under `autocast`."""
+        for p in params:
+            p.data = p.data.float()
+
+    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, unet: Any = None) -> torch.Tensor:
+        """The UNet's prediction (noise, or v for v-prediction models) for noisy latents at timesteps t.
+        `unet` defaults to this model's; ESD passes its frozen copy."""
+        with self.autocast():
+            return (unet or self.unet)(
+                latents, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs
+            ).sample.float()
+
+    def unconditional(self, n: int) -> Conditioning:
+        """The empty prompt's conditioning, as the pipelines use it for classifier-free guidance (SDXL
+        with `force_zeros_for_empty_prompt` uses zeros)."""
+        cond = self.encode([""] * n)
+        if self.family == "sdxl" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            extra = dict(cond.added_cond_kwargs or {})
+            extra["text_embeds"] = torch.zeros_like(extra["text_embeds"])
+            return Conditioning(torch.zeros_like(cond.prompt_embeds), extra)
+        return cond
 
     @torch.no_grad()
     def latents_of(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1], (B, 3, H, W) -> scaled VAE latents (B, C, H/f, W/f)."""
-        vae = self.vae
+        """Images in [-1, 1], (B, 3, H, W) -> scaled VAE latents (B, C, H/f, W/f), in fp32."""
+        vae = self.vae  # outside autocast: SDXL's VAE must stay in fp32
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        return (dist.sample(generator) * vae.config.scaling_factor).to(self.dtype)
+        return (dist.sample(generator) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def pixels_of(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1], (B, 3, H, W), fp32 on the CPU."""
+        vae = self.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def denoising_loss(
         self, latents: torch.Tensor, cond: Conditioning, generator: torch.Generator | None = None
@@ -160,60 +191,53 @@ class DiffusionModel:
         sched = self.noise_scheduler
         b = latents.shape[0]
         # Drawn on the CPU from a CPU generator, so runs repeat across devices.
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        pred = self.eps(noisy, t, cond)
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        return torch.nn.functional.mse_loss(self.eps(noisy, t, cond), target)
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        """Initial latents, one seeded draw per image (an image does not depend on its batch)."""
+        c = self.unet.config
+        shape = (c.in_channels, c.sample_size, c.sample_size)
+        draws = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(draws).to(self.device)
 
     @torch.no_grad()
-    def sample_until(
+    def sample(
         self,
         cond: Conditioning,
         uncond: Conditioning,
+        z: torch.Tensor,
         *,
         steps: int,
-        stop_at: int,
         guidance_scale: float,
-        generator: torch.Generator,
-        unet: torch.nn.Module | None = None,
+        stop_at: int | None = None,
+        unet: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `stop_at` of `steps` DDIM steps with classifier-free guidance from seeded noise and return
-        the partially denoised latents z_t and their timestep t (ESD's `run_till_timestep`).
-        `unet` defaults to this model's; ESD passes its frozen copy."""
-        unet = unet or self.unet
+        """DDIM (eta = 0) with classifier-free guidance from initial noise z, for `stop_at` of `steps` steps
+        (all by default). Returns the latents and the timestep they are at (ESD's `run_till_timestep`)."""
         sched = DDIMScheduler.from_config(self.pipe.scheduler.config)
         sched.set_timesteps(steps, device=self.device)
-        b = cond.prompt_embeds.shape[0]
-        c = unet.config
-        shape = (b, c.in_channels, c.sample_size, c.sample_size)
-        z = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
-        z = z * sched.init_noise_sigma
+        z = z.float() * sched.init_noise_sigma
         both = _concat(uncond, cond)
-        for t in sched.timesteps[:stop_at]:
-            e = unet(
-                torch.cat([z, z]), t, encoder_hidden_states=both.prompt_embeds, added_cond_kwargs=both.added_cond_kwargs
-            ).sample
-            e_uncond, e_cond = e.chunk(2)
+        stop = steps if stop_at is None else stop_at
+        for t in sched.timesteps[:stop]:
+            e_uncond, e_cond = self.eps(torch.cat([z, z]), t, both, unet).chunk(2)
             z = sched.step(e_uncond + guidance_scale * (e_cond - e_uncond), t, z).prev_sample
-        return z, sched.timesteps[stop_at].expand(b)
+        t_end = sched.timesteps[stop] if stop < len(sched.timesteps) else torch.tensor(0, device=self.device)
+        return z, t_end.expand(z.shape[0])
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float) -> torch.Tensor:
-        """One image per (prompt, seed) pair with the pipeline's DDIM sampler: (B, 3, H, W) in [0, 1].
-        Each image has its own seeded generator, so a prompt's image does not depend on its batch."""
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        out = self.pipe(
-            prompt=list(prompts),
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=generators,
-            output_type="pt",
-            height=self.resolution,
-            width=self.resolution,
+        """One image per (prompt, seed) pair: DDIM with classifier-free guidance, decoded by the VAE.
+        (B, 3, H, W) in [0, 1] on the CPU."""
+        cond = self.encode(list(prompts))
+        latents, _ = self.sample(
+            cond, self.unconditional(len(prompts)), self.noise(seeds), steps=steps, guidance_scale=guidance_scale
         )
-        return out.images.float().clamp(0, 1).cpu()
+        return self.pixels_of(latents)
 
 
 # -- the registry ------------------------------------------------------------------------------------
@@ -244,8 +268,12 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        # Half precision only where it is fast; CPU kernels for fp16 are slow and some are missing.
-        return torch.float16 if device.type == "cuda" else torch.float32
+        # Half precision only on a GPU (CPU half kernels are slow); bf16 where the GPU has it, since
+        # training without loss scaling is safe in bf16's range and not in fp16's. Trained weights are
+        # fp32 either way (DiffusionModel.master_weights).
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 

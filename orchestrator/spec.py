@@ -34,7 +34,7 @@ class ModelSpec(_Strict):
     name: str = "tiny-sd"  # a registered model (resurgence list)
     config: dict[str, Any] = Field(default_factory=dict)  # the model's own options
     device: str = "auto"  # auto: CUDA when the trial has a GPU, else CPU
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: bf16 (or fp16) on CUDA, fp32 on CPU
 
 
 class ConceptSpec(_Strict):

@@ -76,3 +76,23 @@ def test_pretrained_errors_are_clear(tmp_path):
 def test_registry_lists_known_names():
     with pytest.raises(KeyError, match="known: pretrained, tiny-sd, tiny-sdxl"):
         MODELS.get("sd-99")
+
+
+def test_half_precision_trains_fp32_master_weights():
+    """A model loaded in bf16 trains its chosen weights in fp32 under autocast (no pure-half Adam) and
+    still generates; untouched weights stay in bf16."""
+    from methods import esd
+    from methods.datasets import CaptionedImages
+    from methods.finetune import FinetuneConfig, finetune
+
+    model = load_model("tiny-sdxl", {"seed": 0}, device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and model.vae.dtype == torch.float32  # SDXL's VAE stays fp32
+    result = esd.erase(model, ["a circle"], esd.ESDConfig(iterations=2, sample_steps=3))
+    named = dict(model.unet.named_parameters())
+    assert all(named[n].dtype == torch.float32 for n in result.trained)
+    assert any(p.dtype == torch.bfloat16 for n, p in named.items() if n not in result.trained)
+    data = CaptionedImages(torch.zeros(2, 3, model.resolution, model.resolution), ["a", "b"])
+    ft = finetune(model, data, FinetuneConfig(trainable="xattn", steps=2))
+    assert all(torch.isfinite(torch.tensor(ft.losses)))
+    images = model.generate(["a circle"], [0], steps=2, guidance_scale=3.0)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
