@@ -162,9 +162,10 @@ def summarize(results: Any, spec: ExperimentSpec) -> list[dict[str, Any]]:
         for key in ("resurgence", "presence", "presence_erased", "presence_base", "retention", "ft_step"):
             row[key] = m.get(key, float("nan"))
         rows.append(row)
-    sign = 1 if spec.search.mode == "max" else -1
+    sign = -1 if spec.search.mode == "max" else 1
     metric = spec.search.metric
-    rows.sort(key=lambda r: (r["error"], -sign * _num(r[metric])))
+    # errors last, then trials without the metric, then best first
+    rows.sort(key=lambda r: (r["error"], not _finite(r[metric]), sign * r[metric] if _finite(r[metric]) else 0.0))
     return rows
 
 
@@ -189,8 +190,8 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _num(x: Any) -> float:
-    return x if isinstance(x, int | float) and not math.isnan(x) else -math.inf
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
 
 
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from methods.catalog import DATASETS, METHODS
 from methods.datasets import DataContext
 from methods.evaluate import Concept, Detector, Evaluation, evaluate, load_detector, save_grid
+from methods.finetune import finetune
 from methods.models import DiffusionModel, load_model
 from orchestrator.spec import ExperimentSpec, check_components, trial_spec
 
@@ -122,8 +123,6 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
         save_grid([*rows, (f"ft {step}", [ev.samples[n] for n in names])], names, grid)
         last = metrics(step, ev, loss)
         report(last)
-
-    from methods.finetune import finetune
 
     finetune(model, data, configs["finetune"], every=spec.finetune.eval_every, callback=on_eval)
     return last

@@ -172,3 +172,19 @@ def test_gpu_request_without_gpu(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(_spec(tmp_path, resources={"cpu": 1, "gpu": 1}))]) == 2
     assert "resources.gpu: trials ask for 1.0 GPU(s) but this machine has 0" in capsys.readouterr().err
+
+
+def test_summary_orders_best_first_errors_last():
+    from types import SimpleNamespace
+
+    from orchestrator.cli import summarize
+    from orchestrator.spec import parse_spec
+
+    def result(tid, value, error=None):
+        return SimpleNamespace(metrics={"trial_id": tid, "resurgence": value}, config={}, error=error)
+
+    results = [result("a", 0.1), result("b", float("nan")), result("c", 0.5), result("d", 0.9, error="boom")]
+    spec = parse_spec(SMOKE)
+    assert [r["trial"] for r in summarize(results, spec)] == ["c", "a", "b", "d"]
+    spec = parse_spec({**SMOKE, "search": {**SMOKE["search"], "mode": "min"}})
+    assert [r["trial"] for r in summarize(results, spec)] == ["a", "c", "b", "d"]
