@@ -2,6 +2,7 @@
 
     resurgence run search_spaces/smoke.yaml            # a local Ray, an Optuna-driven Tune sweep, MLflow
     resurgence run SPEC --address auto                 # on a running Ray cluster
+    resurgence run SPEC --num-cpus 2                   # a local Ray with 2 CPUs
     resurgence validate SPEC                           # check a spec; computes nothing
     resurgence list                                    # registered methods, models, datasets, detectors
 
@@ -37,6 +38,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--smoke-test", action="store_true", help="apply the spec's `smoke` overrides (tiny run)")
     run.add_argument("--num-samples", type=_positive_int, help="number of trials (overrides search.num_samples)")
     run.add_argument("--address", help="Ray cluster address (e.g. auto or ray://host:10001); default: local Ray")
+    run.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all of them)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     run.add_argument("--storage-path", help="where Tune keeps results (overrides storage_path)")
 
@@ -76,6 +78,13 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
             os.makedirs(getattr(spec, field), exist_ok=True)
         except OSError as err:
             raise SpecError(f"{field}: cannot create {getattr(spec, field)} ({err.strerror})") from None
+    if args.address and args.num_cpus:
+        raise SpecError("--num-cpus: sizes a local Ray only; a cluster's CPUs are its own (drop it with --address)")
+    if spec.resources.cpu > (args.num_cpus or os.cpu_count() or 1) and not args.address:
+        raise SpecError(
+            f"resources.cpu: trials ask for {spec.resources.cpu} CPUs but the local Ray has "
+            f"{args.num_cpus or os.cpu_count()} (a trial would never start)"
+        )
     if spec.resources.gpu > 0 and not args.address:
         import torch
 
@@ -121,7 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address:
         check_address(args.address)  # a wrong address is bad input: fail before any MLflow run exists
     try:
-        ray.init(address=args.address) if args.address else ray.init(include_dashboard=False)
+        if args.address:
+            ray.init(address=args.address)
+        else:
+            ray.init(include_dashboard=False, num_cpus=args.num_cpus)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
     # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,

@@ -109,6 +109,10 @@ def test_bad_flags(tmp_path, monkeypatch, capsys):
     assert "--address: nothing answers at 127.0.0.1:1" in capsys.readouterr().err
     assert main(["run", str(spec), "--address", "no-port"]) == 2
     assert "--address: expected auto, HOST:PORT" in capsys.readouterr().err
+    assert main(["run", str(spec), "--num-cpus", "2", "--address", "auto"]) == 2
+    assert "--num-cpus: sizes a local Ray only" in capsys.readouterr().err
+    assert main(["run", str(_spec(tmp_path, resources={"cpu": 4})), "--num-cpus", "2"]) == 2
+    assert "resources.cpu: trials ask for 4.0 CPUs but the local Ray has 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run", str(spec), "--num-samples", "0"])
     assert exc.value.code == 2

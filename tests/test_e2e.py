@@ -1,6 +1,7 @@
 """End to end: `resurgence run search_spaces/smoke.yaml` on a local Ray with 2 CPUs, then the MLflow store."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def resurgence_cmd() -> list[str]:
 
 def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
     out = subprocess.run(
-        [*resurgence_cmd(), "run", str(REPO / "search_spaces" / "smoke.yaml")],
+        [*resurgence_cmd(), "run", str(REPO / "search_spaces" / "smoke.yaml"), "--num-cpus", "2"],
         cwd=tmp_path,
         env=isolated_env,
         capture_output=True,
@@ -27,6 +28,7 @@ def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "Best trials by resurgence (max), 4 in all:" in out.stdout
+    assert re.search(r"Logical resource usage: [0-9.]+/2 CPUs", out.stdout)  # the local Ray has exactly 2 CPUs
     db = tmp_path / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out.stdout
 
