@@ -160,6 +160,11 @@ def parse_spec(data: Any, *, check_search: bool = True) -> ExperimentSpec:
     check_components(spec)
     if check_search:
         check_space(spec)
+        if spec.smoke:  # --smoke-test must not be the first to find a bad override
+            try:
+                parse_spec(apply_overrides(data, spec.smoke), check_search=False)
+            except SpecError as err:
+                raise SpecError(f"smoke: with its overrides applied, {err}") from None
     return spec
 
 

@@ -67,6 +67,10 @@ BAD = [
         "search.space.finetune.config.optimizr: value 'sgd' is invalid: finetune.config.optimizr: Extra inputs",
     ),
     ({"search__space__search.seed": {"choice": [1]}}, "search.space.search.seed: only trial settings"),
+    (
+        {"smoke": {"finetune.config.steps": -1}},
+        "smoke: with its overrides applied, finetune.config.steps: Input should be greater than or equal to 1",
+    ),
 ]
 
 
