@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from methods import esd
+from methods import esd, toyworld  # noqa: F401  (toyworld registers its dataset and detector)
 from methods.datasets import DATASETS
 from methods.evaluate import DETECTORS
 from methods.models import MODELS

@@ -90,12 +90,27 @@ class DiffusionModel:
         return self.unet.device
 
     @property
+    def pixel_space(self) -> bool:
+        """True for models without a VAE (the toy model). Their "latents" are the pixels in [-1, 1],
+        folded space-to-depth by `fold` (an exact, parameter-free stand-in for a VAE: 3 x 16 x 16 pixels
+        are 12 x 8 x 8 latents for fold 2), so latent-space methods run unchanged."""
+        return self.pipe.vae is None
+
+    @property
+    def fold(self) -> int:
+        """Space-to-depth factor of a pixel-space model, read off its UNet: in_channels = 3 * fold^2."""
+        return round((int(self.unet.config.in_channels) / 3) ** 0.5) if self.pixel_space else 1
+
+    @property
     def resolution(self) -> int:
         """Image side in pixels that the UNet was built for."""
-        return int(self.unet.config.sample_size) * self.pipe.vae_scale_factor
+        factor = self.fold if self.pixel_space else self.pipe.vae_scale_factor
+        return int(self.unet.config.sample_size) * factor
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.pipe.text_encoder}
+        parts = {"unet": self.unet, "text_encoder": self.pipe.text_encoder}
+        if not self.pixel_space:
+            parts["vae"] = self.vae
         if self.family == "sdxl":
             parts["text_encoder_2"] = self.pipe.text_encoder_2
         return parts
@@ -172,6 +187,8 @@ class DiffusionModel:
     @torch.no_grad()
     def latents_of(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> scaled VAE latents (B, C, H/f, W/f), in fp32."""
+        if self.pixel_space:
+            return torch.nn.functional.pixel_unshuffle(pixels.to(self.device).float(), self.fold)
         vae = self.vae  # outside autocast: SDXL's VAE must stay in fp32
         dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         return (dist.sample(generator) * vae.config.scaling_factor).float()
@@ -179,6 +196,8 @@ class DiffusionModel:
     @torch.no_grad()
     def pixels_of(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in [0, 1], (B, 3, H, W), fp32 on the CPU."""
+        if self.pixel_space:
+            return ((torch.nn.functional.pixel_shuffle(latents.float(), self.fold) + 1) / 2).clamp(0, 1).cpu()
         vae = self.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
@@ -391,6 +410,20 @@ def tiny_sdxl(cfg: TinyConfig, device: torch.device, dtype: torch.dtype) -> Diff
 def pretrained_family(cfg: PretrainedConfig) -> Family:
     """Which pipeline a pretrained model needs, from its `model_index.json`; raises a one-line
     ValueError (or FileNotFoundError) when the model is not there. Reads no weights."""
+    return _family(cfg, model_index(cfg))
+
+
+def _family(cfg: PretrainedConfig, index: dict[str, Any]) -> Family:
+    class_name = index.get("_class_name", "")
+    if "XL" in class_name:
+        return "sdxl"
+    if class_name.startswith("StableDiffusion"):
+        return "sd"
+    raise ValueError(f"{cfg.path}: pipeline class {class_name!r} is not a Stable Diffusion v1.x or SDXL one")
+
+
+def model_index(cfg: PretrainedConfig) -> dict[str, Any]:
+    """The model's `model_index.json`, from its folder or the HF cache (or the hub, if allowed)."""
     local = Path(os.path.expanduser(cfg.path))
     if cfg.path.startswith(("/", "./", "../", "~")) and not local.exists():
         raise FileNotFoundError(f"{cfg.path}: no such folder")
@@ -416,21 +449,20 @@ def pretrained_family(cfg: PretrainedConfig) -> Family:
             raise FileNotFoundError(f"{cfg.path!r} is neither a local folder nor in the HF cache{hint}") from None
         except (HfHubHTTPError, ValueError, OSError) as err:
             raise FileNotFoundError(f"cannot fetch {cfg.path!r}: {str(err).splitlines()[0]}") from None
-    class_name = json.loads(index.read_text()).get("_class_name", "")
-    if "XL" in class_name:
-        return "sdxl"
-    if class_name.startswith("StableDiffusion"):
-        return "sd"
-    raise ValueError(f"{cfg.path}: pipeline class {class_name!r} is not a Stable Diffusion v1.x or SDXL one")
+    return json.loads(index.read_text())
 
 
 @MODELS.register(
     "pretrained", config=PretrainedConfig, description="a diffusers SD v1.x / SDXL folder or hub id (safetensors only)"
 )
 def pretrained(cfg: PretrainedConfig, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
-    family = pretrained_family(cfg)
+    index = model_index(cfg)
+    family = _family(cfg, index)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    # Components saved as absent (e.g. the toy model's VAE) must be passed as None explicitly.
+    extra: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    if family == "sd":
+        extra.update(safety_checker=None, requires_safety_checker=False)
     pipe = cls.from_pretrained(
         os.path.expanduser(cfg.path),
         use_safetensors=True,

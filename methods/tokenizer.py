@@ -51,7 +51,8 @@ def _tokenizer_files() -> tuple[str, str]:
     return os.fspath(out / "vocab.json"), os.fspath(out / "merges.txt")
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """SD v1.x's tokenizer; SDXL's second tokenizer pads with "!" instead of `<|endoftext|>`."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>", max_length: int = MAX_LENGTH) -> CLIPTokenizer:
+    """SD v1.x's tokenizer; SDXL's second tokenizer pads with "!" instead of `<|endoftext|>`. The toy
+    model uses a shorter context (its captions are a few words; attention cost grows with length)."""
     vocab, merges = _tokenizer_files()
-    return CLIPTokenizer(vocab, merges, pad_token=pad_token, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab, merges, pad_token=pad_token, model_max_length=max_length)

@@ -5,6 +5,7 @@
     resurgence run SPEC --num-cpus 2                   # a local Ray with 2 CPUs
     resurgence validate SPEC                           # check a spec; computes nothing
     resurgence list                                    # registered methods, models, datasets, detectors
+    resurgence toy train-detector                      # retrain the committed toy detector (seed 0)
 
 Bad input (spec, flags, paths) ends with a one-line error naming the field and exit code 2, before Ray
 starts and before any MLflow run exists.
@@ -45,6 +46,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     validate = sub.add_parser("validate", help="check a spec without computing anything")
     validate.add_argument("spec")
     sub.add_parser("list", help="list registered methods, models, datasets and detectors")
+
+    toy = sub.add_parser("toy", help="build the toy world's committed parts")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    det = toy_sub.add_parser("train-detector", help="train the toy detector and save it as safetensors")
+    det.add_argument("--out", default=None, help="output file (default: the committed methods/assets file)")
+    det.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default 600)")
+    det.add_argument("--seed", type=int, default=0)
+    tm = toy_sub.add_parser("train-model", help="train the toy text-to-image model and save it (diffusers folder)")
+    tm.add_argument("--out", default=None, help="output folder (default: the committed methods/assets/toy_model)")
+    tm.add_argument("--steps", type=_positive_int, default=3500, help="optimizer steps (default 3500)")
+    tm.add_argument("--seed", type=int, default=0)
+    tm.add_argument("--check-every", type=_positive_int, default=500, help="steps between prompt-following checks")
     return parser.parse_args(argv)
 
 
@@ -259,10 +272,67 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_toy(args: argparse.Namespace) -> int:
+    return {"train-detector": cmd_toy_detector, "train-model": cmd_toy_model}[args.toy_command](args)
+
+
+def cmd_toy_model(args: argparse.Namespace) -> int:
+    from methods import toyworld
+
+    out = Path(args.out) if args.out else toyworld.MODEL_DIR
+    if not out.parent.is_dir():
+        raise SpecError(f"--out: folder {out.parent} does not exist")
+    net = toyworld.load_detector_net()
+    start = time.perf_counter()
+    losses: list[float] = []
+
+    def log(step: int, loss: float, model: Any) -> None:
+        losses.append(loss)
+        if step % args.check_every == 0 or step == args.steps:
+            report = toyworld.generation_accuracy(model, net)
+            model.unet.train()
+            model.pipe.text_encoder.train()
+            recent = losses[-args.check_every :]
+            print(
+                f"step {step}  {time.perf_counter() - start:5.0f} s  loss {sum(recent) / len(recent):.4f}  "
+                f"shape accuracy {report.shape_accuracy:.3f}  colour accuracy {report.colour_accuracy:.3f}",
+                flush=True,
+            )
+
+    model = toyworld.train_toy_model(steps=args.steps, seed=args.seed, log=log)
+    toyworld.save_toy_model(model, out)
+    report = toyworld.generation_accuracy(model, net, per_pair=4)
+    print(
+        f"trained in {time.perf_counter() - start:.0f} s; per-shape accuracy: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in report.per_shape.items())
+    )
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_toy_detector(args: argparse.Namespace) -> int:
+    from methods import toyworld
+
+    out = Path(args.out) if args.out else toyworld.DETECTOR_WEIGHTS
+    if not out.parent.is_dir():
+        raise SpecError(f"--out: folder {out.parent} does not exist")
+    start = time.perf_counter()
+    net = toyworld.train_detector(seed=args.seed, steps=args.steps)
+    report = toyworld.evaluate_detector(net)
+    toyworld.save_detector(net, out)
+    print(
+        f"trained in {time.perf_counter() - start:.0f} s; held-out accuracy: shape {report.shape_accuracy:.4f}, "
+        f"colour {report.colour_accuracy:.4f}, shape on noisy images {report.noisy_shape_accuracy:.4f}"
+    )
+    print(f"saved {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}[args.command](args)
+        commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "toy": cmd_toy}
+        return commands[args.command](args)
     except SpecError as err:
         print(f"resurgence: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
