@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--bare", action="store_true", help="erase the bare word (official ESD) not its prompts")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -51,7 +52,8 @@ def main() -> None:
     erased = copy.deepcopy(model)
     esd_cfg = esd.ESDConfig(variant=args.variant, iterations=args.iterations, lr=args.lr, eta=args.eta, sample_steps=20)
     start = time.perf_counter()
-    esd.erase(erased, toyworld.concept_prompts(args.concept), esd_cfg, seed=0)
+    prompts = [args.concept] if args.bare else toyworld.concept_prompts(args.concept)
+    esd.erase(erased, prompts, esd_cfg, seed=0)
     seconds = time.perf_counter() - start
     after = evaluate(erased, detector, concepts, cfg)
     after_syn = evaluate(erased, detector, synonyms, cfg)

@@ -32,8 +32,8 @@ DELETE = object()
 
 BAD = [
     ({"erase__method": "nope"}, "erase.method: unknown method 'nope' (known: esd)"),
-    ({"model__name": "sd-99"}, "model.name: unknown model 'sd-99' (known: pretrained, tiny-sd, tiny-sdxl)"),
-    ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip)"),
+    ({"model__name": "sd-99"}, "model.name: unknown model 'sd-99' (known: pretrained, tiny-sd, tiny-sdxl, toy)"),
+    ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip, toy)"),
     ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: generated, "),
     ({"erase__config__iterations": "many"}, "erase.config.iterations: Input should be a valid integer"),
     ({"erase__config__eta": -1}, "erase.config.eta: Input should be greater than 0"),

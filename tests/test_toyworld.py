@@ -116,3 +116,20 @@ def test_erasure_and_finetuning_run_in_pixel_space(toy_small, tmp_path):
     data = DATASETS.get("toy").obj(tw.ToyDataConfig(n=8), DataContext(resolution=16, cache_dir=tmp_path))
     result = finetune(m, data, FinetuneConfig(steps=2, trainable="lora"))
     assert len(result.losses) == 2
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    return load_model("toy")
+
+
+def test_committed_toy_model_draws_every_shape(toy_model):
+    """Base presence of each shape on its own prompts, 24 images per shape (issue target >= 0.8;
+    measured 0.875 for triangle, 1.0 for the others)."""
+    from methods.evaluate import Concept, EvalConfig, evaluate
+
+    det = load_detector("toy", {}, toy_model.device)
+    concepts = [Concept(s, tw.concept_prompts(s)) for s in tw.SHAPES]
+    ev = evaluate(toy_model, det, concepts, EvalConfig(images_per_prompt=4, steps=20, guidance_scale=3.0))
+    assert all(v >= 0.8 for v in ev.presence.values()), ev.presence
+    assert toy_model.pixel_space and toy_model.resolution == 16
