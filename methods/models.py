@@ -43,12 +43,6 @@ class Conditioning:
     prompt_embeds: torch.Tensor  # (B, 77, cross_attention_dim)
     added_cond_kwargs: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6)
 
-    def repeat(self, n: int) -> Conditioning:
-        """Each prompt's conditioning n times in a row (for n samples per prompt)."""
-        rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
-        extra = None if self.added_cond_kwargs is None else {k: rep(v) for k, v in self.added_cond_kwargs.items()}
-        return Conditioning(rep(self.prompt_embeds), extra)
-
 
 def _concat(a: Conditioning, b: Conditioning) -> Conditioning:
     extra = None

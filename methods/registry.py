@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from pydantic import BaseModel
 
@@ -59,12 +59,3 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-
-def parse_config(entry: Entry[Any], options: dict[str, Any] | None) -> BaseModel | None:
-    """Validate `options` against the entry's config model (pydantic raises ValidationError)."""
-    if entry.config is None:
-        if options:
-            raise ValueError(f"{entry.name!r} takes no options, got {sorted(options)}")
-        return None
-    return entry.config.model_validate(options or {})
