@@ -15,7 +15,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,21 @@ Report = Callable[[dict[str, Any]], None]
 
 # Reported every evaluation, as metric histories over `ft_step`; and once per trial.
 CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss")
-ONCE_METRICS = ("presence_base", "presence_erased", "retention_base", "retention_erased", "erase_seconds")
+ONCE_METRICS = (
+    "presence_base",
+    "presence_erased",
+    "retention_base",
+    "retention_erased",
+    "erase_seconds",
+    "erase_cached",
+)
+
+
+@dataclass
+class Erased:
+    model: DiffusionModel  # never fine-tuned, only copied
+    seconds: float  # what the erasure cost when it ran
+    evaluation: Evaluation
 
 
 @dataclass
@@ -38,6 +52,7 @@ class Warm:
     model: DiffusionModel  # pristine base model: never trained, only copied
     detector: Detector
     base: Evaluation  # evaluation of the base model
+    erased: dict[str, Erased] = field(default_factory=dict)  # the last erasure this worker ran, by its key
 
 
 _WARM: dict[str, Warm] = {}  # per worker process, keyed by what determines it
@@ -73,20 +88,28 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
     concepts = _concepts(spec)
     erased_name = spec.concept.name
 
-    # Stage 1: erase a copy of the base model.
-    model = copy.deepcopy(warm.model)
-    start = time.perf_counter()
-    METHODS.get(spec.erase.method).obj(model, list(spec.concept.prompts), configs["erase"], seed=spec.seed)
-    erase_seconds = time.perf_counter() - start
-
-    # Stage 2: evaluate the erased model.
-    erased = evaluate(model, warm.detector, concepts, configs["evaluate"])
+    # Stages 1 and 2: erase a copy of the base model and evaluate it; a worker keeps its last erasure, so
+    # trials that differ only in fine-tuning erase once per worker.
+    erase_key = json.dumps([spec.erase.model_dump(), spec.seed, spec.concept.model_dump()], sort_keys=True)
+    cached = erase_key in warm.erased
+    if not cached:
+        warm.erased.clear()  # bounded: one erased model per worker
+        erased_model = copy.deepcopy(warm.model)
+        start = time.perf_counter()
+        METHODS.get(spec.erase.method).obj(erased_model, list(spec.concept.prompts), configs["erase"], seed=spec.seed)
+        seconds = time.perf_counter() - start
+        evaluation = evaluate(erased_model, warm.detector, concepts, configs["evaluate"])
+        warm.erased[erase_key] = Erased(erased_model, seconds, evaluation)
+    model = copy.deepcopy(warm.erased[erase_key].model)
+    erased = warm.erased[erase_key].evaluation
+    erase_seconds = warm.erased[erase_key].seconds
     once = {
         "presence_base": warm.base.presence[erased_name],
         "presence_erased": erased.presence[erased_name],
         "retention_base": warm.base.retention(erased_name),
         "retention_erased": erased.retention(erased_name),
         "erase_seconds": erase_seconds,
+        "erase_cached": float(cached),
     }
     grid = artifact_dir / "samples.png"
     names = [c.name for c in concepts]

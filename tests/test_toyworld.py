@@ -133,3 +133,25 @@ def test_committed_toy_model_draws_every_shape(toy_model):
     ev = evaluate(toy_model, det, concepts, EvalConfig(images_per_prompt=4, steps=20, guidance_scale=3.0))
     assert all(v >= 0.8 for v in ev.presence.values()), ev.presence
     assert toy_model.pixel_space and toy_model.resolution == 16
+
+
+def test_esd_erases_a_shape_from_the_committed_model(toy_model):
+    """ESD-x on "cross" (the main job's erasure): the cross mostly disappears, the other shapes mostly
+    stay (full script, 24 images per shape: cross 1.0 -> 0.083, others fall 0 to 0.21)."""
+    import copy
+
+    from methods import esd
+    from methods.evaluate import Concept, EvalConfig, evaluate
+
+    det = load_detector("toy", {}, toy_model.device)
+    concepts = [Concept(s, tw.concept_prompts(s)) for s in tw.SHAPES]
+    cfg = EvalConfig(images_per_prompt=2, steps=20, guidance_scale=3.0)
+    base = evaluate(toy_model, det, concepts, cfg)
+    erased = copy.deepcopy(toy_model)
+    esd.erase(
+        erased, tw.concept_prompts("cross"), esd.ESDConfig(variant="esd-x", iterations=200, lr=5e-4, sample_steps=20)
+    )
+    after = evaluate(erased, det, concepts, cfg)
+    assert base.presence["cross"] >= 0.8 and after.presence["cross"] <= 0.2, after.presence
+    drops = [base.presence[s] - after.presence[s] for s in tw.SHAPES if s != "cross"]
+    assert sum(drops) / len(drops) <= 0.15, after.presence

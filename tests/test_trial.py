@@ -1,0 +1,41 @@
+"""A trial as plain Python: its reports, and the per-worker erasure memo."""
+
+import yaml
+
+from orchestrator.spec import trial_spec
+from orchestrator.trial import execute_trial
+from tests.conftest import REPO
+
+SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+FAST = {
+    "finetune.config.steps": 4,
+    "finetune.eval_every": 2,
+    "erase.config.iterations": 2,
+    "evaluate.config.images_per_prompt": 1,
+    "finetune.dataset.config.images_per_prompt": 1,
+}
+
+
+def _run(tmp_path, **overrides):
+    data = {**SMOKE, "cache_dir": str(tmp_path / "cache")}
+    reports = []
+    last = execute_trial(trial_spec(data, {**FAST, **overrides}), reports.append, tmp_path / "trial")
+    return reports, last
+
+
+def test_reports_and_erasure_memo(tmp_path):
+    reports, last = _run(tmp_path)
+    assert [r["ft_step"] for r in reports] == [0, 2, 4]
+    assert reports[0]["resurgence"] == 0.0
+    for r in reports:
+        assert abs(r["resurgence"] - (r["presence"] - r["presence_erased"])) < 1e-12
+        assert 0.0 <= r["retention"] <= 1.0
+    assert last is reports[-1] and (tmp_path / "trial" / "samples.png").is_file()
+    assert reports[0]["erase_cached"] == 0.0  # the first trial of this worker erases
+    # the same erasure again: this worker reuses it; the fine-tuning differs, the erased start does not
+    again, _ = _run(tmp_path, **{"finetune.config.lr": 1e-3})
+    assert again[0]["erase_cached"] == 1.0 and again[0]["presence_erased"] == reports[0]["presence_erased"]
+    assert again[0]["erase_seconds"] == reports[0]["erase_seconds"]
+    # another erasure config is erased anew
+    other, _ = _run(tmp_path, **{"erase.config.iterations": 3})
+    assert other[0]["erase_cached"] == 0.0
