@@ -407,13 +407,14 @@ class ToyDataConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> ToyDataConfig:
-        known = set(SHAPES) | set(COLOURS)
-        for field in ("exclude", "shapes", "colours"):
+        allowed = {"exclude": (*SHAPES, *COLOURS), "shapes": SHAPES, "colours": tuple(COLOURS)}
+        for field, known in allowed.items():
             bad = [x for x in getattr(self, field) if x not in known]
             if bad:
-                raise ValueError(f"{field}: unknown toy concept(s) {bad} (known: {', '.join(sorted(known))})")
-        pairs = [s for s in self.shapes if s not in self.exclude]
-        if not pairs or not [c for c in self.colours if c not in self.exclude]:
+                raise ValueError(f"{field}: unknown toy concept(s) {bad} (known: {', '.join(known)})")
+        if not [s for s in self.shapes if s not in self.exclude] or not [
+            c for c in self.colours if c not in self.exclude
+        ]:
             raise ValueError("exclude: leaves no shape-colour pair")
         return self
 

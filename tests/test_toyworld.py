@@ -75,6 +75,8 @@ def test_toy_dataset_entry(tmp_path):
     assert not any("circle" in c for c in data.captions)
     with pytest.raises(ValidationError, match="unknown toy concept"):
         entry.config(exclude=["dog"])
+    with pytest.raises(ValidationError, match="shapes: unknown toy concept"):
+        entry.config(shapes=["red"])
     with pytest.raises(ValidationError, match="leaves no"):
         entry.config(shapes=["circle"], exclude=["circle"])
 
