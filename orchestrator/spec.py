@@ -278,8 +278,13 @@ def check_space(spec: ExperimentSpec) -> None:
 
 
 def trial_spec(spec_data: dict[str, Any], overrides: dict[str, Any]) -> ExperimentSpec:
-    """The resolved spec of one trial: the experiment with the trial's sampled values applied."""
-    return parse_spec(apply_overrides(spec_data, overrides), check_search=False)
+    """The resolved spec of one trial: the experiment with the trial's sampled values applied. Only its
+    structure is checked here: the whole experiment was validated before the sweep, and every caller
+    validates the components next (`check_components`, `resolved_config`)."""
+    try:
+        return ExperimentSpec.model_validate(apply_overrides(spec_data, overrides))
+    except ValidationError as err:
+        raise SpecError(_format(err)) from None
 
 
 def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
