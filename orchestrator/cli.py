@@ -148,6 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             ray.init(include_dashboard=False, num_cpus=args.num_cpus)
     except (ConnectionError, ValueError, RuntimeError) as err:
+        if not args.address:
+            raise  # a local Ray that fails to start is not a user-input error
         raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
     # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
     # which import torch and diffusers in their own processes; the callback waits for it on first use.
