@@ -17,6 +17,7 @@ import time
 import torch
 
 from methods import esd, toyworld
+from methods.erasing import EraseRequest
 from methods.evaluate import Concept, EvalConfig, evaluate, load_detector
 from methods.models import load_model
 
@@ -53,7 +54,7 @@ def main() -> None:
     esd_cfg = esd.ESDConfig(variant=args.variant, iterations=args.iterations, lr=args.lr, eta=args.eta, sample_steps=20)
     start = time.perf_counter()
     prompts = [args.concept] if args.bare else toyworld.concept_prompts(args.concept)
-    esd.erase(erased, prompts, esd_cfg, seed=0)
+    esd.erase(erased, EraseRequest([Concept(args.concept, prompts)]), esd_cfg)
     seconds = time.perf_counter() - start
     after = evaluate(erased, detector, concepts, cfg)
     after_syn = evaluate(erased, detector, synonyms, cfg)

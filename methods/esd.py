@@ -20,13 +20,12 @@ Deviations from the official diffusers code (rohitgandikota/erasing, esd_sd.py),
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from methods.erasing import METHODS, EraseRequest, EraseResult, Method, run_objective
 from methods.models import DiffusionModel
 
 # Which UNet Linear / Conv2d modules each variant trains (official esd_sd.py: get_esd_trainable_parameters).
@@ -43,12 +42,6 @@ class ESDConfig(BaseModel):
     sample_steps: int = Field(50, ge=2)  # DDIM steps of the partial sampling that produces x_t
     start_guidance: float = Field(3.0, ge=0)  # CFG scale of that sampling (official default 3)
     batch_size: int = Field(1, ge=1)  # prompts per optimizer step (official: 1)
-
-
-@dataclass(frozen=True)
-class ESDResult:
-    trained: list[str]  # names of the UNet parameters ESD changed
-    losses: list[float]  # one per iteration
 
 
 def trainable_parameters(unet: torch.nn.Module, variant: Variant) -> dict[str, torch.nn.Parameter]:
@@ -70,56 +63,60 @@ def trainable_parameters(unet: torch.nn.Module, variant: Variant) -> dict[str, t
     return chosen
 
 
-def erase(
-    model: DiffusionModel,
-    prompts: list[str],
-    cfg: ESDConfig,
-    *,
-    seed: int = 0,
-    log: Callable[[int, float], None] | None = None,
-) -> ESDResult:
-    """Erase the concept described by `prompts` from `model.unet` in place (ESD, eq. 3)."""
-    if not prompts:
-        raise ValueError("ESD needs at least one prompt of the concept to erase")
-    unet = model.unet
-    frozen = copy.deepcopy(unet).requires_grad_(False).eval()  # eps*: the original model (a 2nd copy)
-    params = trainable_parameters(unet, cfg.variant)
-    model.master_weights(list(params.values()))
-    for p in params.values():
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params.values(), lr=cfg.lr)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
-        null = model.unconditional(cfg.batch_size)
-    losses: list[float] = []
-    unet.train()
-    for it in range(cfg.iterations):
-        batch = [prompts[(it * cfg.batch_size + i) % len(prompts)] for i in range(cfg.batch_size)]
-        stop_at = int(torch.randint(0, cfg.sample_steps - 1, (1,), generator=generator))
-        seeds = torch.randint(0, 2**31 - 1, (cfg.batch_size,), generator=generator).tolist()
+class ESDObjective:
+    """ESD's loss (eq. 3) at each step, over the variant's UNet parameters (see `erase`)."""
+
+    def __init__(self, model: DiffusionModel, request: EraseRequest, cfg: ESDConfig) -> None:
+        if not request.prompts:
+            raise ValueError("ESD needs at least one prompt of the concept to erase")
+        self.model, self.cfg, self.prompts = model, cfg, request.prompts
+        self.frozen = copy.deepcopy(model.unet).requires_grad_(False).eval()  # eps*: the original (2nd copy)
+        chosen = trainable_parameters(model.unet, cfg.variant)
+        self.params = {f"unet.{n}": p for n, p in chosen.items()}
+        model.master_weights(list(self.params.values()))
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.generator = torch.Generator("cpu").manual_seed(request.seed)
+        with torch.no_grad():
+            self.null = model.unconditional(cfg.batch_size)
+        model.unet.train()
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.params.values(), lr=self.cfg.lr)
+
+    def loss(self, step: int) -> torch.Tensor:
+        cfg, model = self.cfg, self.model
+        batch = [self.prompts[(step * cfg.batch_size + i) % len(self.prompts)] for i in range(cfg.batch_size)]
+        stop_at = int(torch.randint(0, cfg.sample_steps - 1, (1,), generator=self.generator))
+        seeds = torch.randint(0, 2**31 - 1, (cfg.batch_size,), generator=self.generator).tolist()
         with torch.no_grad():
             cond = model.encode(batch)
             x_t, t = model.sample(
                 cond,
-                null,
+                self.null,
                 model.noise(seeds),
                 steps=cfg.sample_steps,
                 stop_at=stop_at,
                 guidance_scale=cfg.start_guidance,
-                unet=frozen,
+                unet=self.frozen,
             )
-            e_0 = model.eps(x_t, t, null, frozen)  # eps*(x_t, t)
-            e_p = model.eps(x_t, t, cond, frozen)  # eps*(x_t, c, t)
+            e_0 = model.eps(x_t, t, self.null, self.frozen)  # eps*(x_t, t)
+            e_p = model.eps(x_t, t, cond, self.frozen)  # eps*(x_t, c, t)
             target = e_0 - cfg.eta * (e_p - e_0)
         e_n = model.eps(x_t, t, cond)  # eps_theta(x_t, c, t)
-        loss = torch.nn.functional.mse_loss(e_n, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if log is not None:
-            log(it, losses[-1])
-    unet.eval()
-    unet.requires_grad_(False)
-    del frozen
-    return ESDResult(trained=sorted(params), losses=losses)
+        return torch.nn.functional.mse_loss(e_n, target)
+
+    def close(self) -> None:
+        self.model.unet.eval()
+        self.model.unet.requires_grad_(False)
+        self.frozen = None
+
+
+def erase(model: DiffusionModel, request: EraseRequest, cfg: ESDConfig) -> EraseResult:
+    """Erase the concepts of `request` (all their prompts, cycled) from `model.unet` in place (eq. 3)."""
+    return run_objective(ESDObjective(model, request, cfg), cfg.iterations, request.log)
+
+
+METHODS.register(
+    "esd", config=ESDConfig, description="ESD (Gandikota 2023): negative-guidance fine-tuning, ESD-x / ESD-u"
+)(Method(erase=erase, objective=ESDObjective, steps=lambda cfg: cfg.iterations))

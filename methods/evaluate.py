@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from methods.datasets import to_images
+from methods.erasing import Concept  # noqa: F401  (re-exported: evaluations take concepts)
 from methods.models import DiffusionModel
 from methods.registry import Registry
 
@@ -35,6 +36,10 @@ from methods.registry import Registry
 class Detector(Protocol):
     def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B,) index into `classes` of the class each image shows."""
+        ...
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm image embeddings (data closeness covariate)."""
         ...
 
 
@@ -119,11 +124,14 @@ class ClipZeroShot:
         return self._heads[key]
 
     @torch.no_grad()
-    def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(images.to(self.device).float(), size=self.size, mode="bicubic", align_corners=False)
         x = (x.clamp(0, 1) - self.mean) / self.std
-        feats = F.normalize(self.model.encode_image(x), dim=-1)  # (B, D)
-        return (feats @ self._head(classes)).argmax(dim=-1).cpu()
+        return F.normalize(self.model.encode_image(x), dim=-1)  # (B, D)
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        return (self.embed(images) @ self._head(classes)).argmax(dim=-1).cpu()
 
 
 @DETECTORS.register("clip", config=ClipConfig, description="open_clip zero-shot classifier over concept names")
@@ -138,12 +146,6 @@ def load_detector(name: str, options: dict[str, Any] | None, device: torch.devic
 
 
 # -- presence -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Concept:
-    name: str  # the class name the detector sees
-    prompts: list[str]  # prompts that should draw it
-
-
 class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -159,6 +161,7 @@ class EvalConfig(BaseModel):
 class Evaluation:
     presence: dict[str, float]  # concept name -> presence
     samples: dict[str, torch.Tensor]  # concept name -> its first image, (3, H, W) in [0, 1]
+    embeddings: dict[str, torch.Tensor]  # concept name -> mean detector embedding of its images, (D,)
 
     def retention(self, erased: str) -> float:
         others = [v for k, v in self.presence.items() if k != erased]
@@ -169,9 +172,11 @@ def evaluate(model: DiffusionModel, detector: Detector, concepts: list[Concept],
     classes = [c.name for c in concepts] + list(cfg.extra_classes)
     presence: dict[str, float] = {}
     samples: dict[str, torch.Tensor] = {}
+    embeddings: dict[str, torch.Tensor] = {}
     for k, concept in enumerate(concepts):
         jobs = [(p, cfg.seed + i) for p in concept.prompts for i in range(cfg.images_per_prompt)]
         hits = 0
+        total = None
         for start in range(0, len(jobs), cfg.batch_size):
             chunk = jobs[start : start + cfg.batch_size]
             images = model.generate(
@@ -180,8 +185,26 @@ def evaluate(model: DiffusionModel, detector: Detector, concepts: list[Concept],
             if start == 0:
                 samples[concept.name] = images[0]
             hits += int((detector.classify(images, classes) == k).sum())
+            summed = detector.embed(images).sum(0).cpu()
+            total = summed if total is None else total + summed
         presence[concept.name] = hits / len(jobs)
-    return Evaluation(presence, samples)
+        embeddings[concept.name] = total / len(jobs)
+    return Evaluation(presence, samples, embeddings)
+
+
+@torch.no_grad()
+def mean_embedding(detector: Detector, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Mean detector embedding (D,) of images (N, 3, H, W) in [-1, 1] (a dataset's pixels)."""
+    total = None
+    for start in range(0, pixels.shape[0], batch_size):
+        summed = detector.embed((pixels[start : start + batch_size] + 1) / 2).sum(0).cpu()
+        total = summed if total is None else total + summed
+    return total / pixels.shape[0]
+
+
+def closeness(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine between two mean embeddings: how close a fine-tuning set is to a concept (RESEARCH.md §4)."""
+    return float(F.cosine_similarity(a.float(), b.float(), dim=0))
 
 
 def save_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str], path: Path, scale: int = 2) -> Path:

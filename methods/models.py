@@ -113,6 +113,25 @@ class DiffusionModel:
         for module in self.modules().values():
             module.requires_grad_(flag)
 
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter by a model-wide name: "unet.<name>", "text_encoder.<name>", ..."""
+        return {f"{key}.{n}": p for key, module in self.modules().items() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight as the forward pass sees it, by a name that adapters do not change: a LoRA
+        layer's base weight plus its delta, under the base layer's name."""
+        out: dict[str, torch.Tensor] = {}
+        for key, module in self.modules().items():
+            for name, p in module.named_parameters():
+                if "lora_" not in name:
+                    out[f"{key}.{name.replace('.base_layer', '')}"] = p.detach()
+            for name, layer in module.named_modules():
+                if hasattr(layer, "get_delta_weight") and getattr(layer, "active_adapters", None):
+                    w = f"{key}.{name}.weight"
+                    out[w] = out[w] + sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(out[w].dtype)
+        return out
+
     # -- operations ----------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> Conditioning:
         """Prompt -> conditioning, as the pipelines do it (SDXL: penultimate layers of both encoders
@@ -251,6 +270,19 @@ class DiffusionModel:
             cond, self.unconditional(len(prompts)), self.noise(seeds), steps=steps, guidance_scale=guidance_scale
         )
         return self.pixels_of(latents)
+
+
+@torch.no_grad()
+def weight_distance(a: DiffusionModel, b: DiffusionModel) -> float:
+    """L2 distance between two models' effective weights (only the parameters that differ contribute):
+    a method's footprint. Resurgence is strongest when erased weights stay close to the base (RESEARCH.md §1)."""
+    wa, wb = a.effective_weights(), b.effective_weights()
+    total = 0.0
+    for name, x in wa.items():
+        y = wb.get(name)
+        if y is not None and x.shape == y.shape:
+            total += float((x.float() - y.float()).pow(2).sum())
+    return total**0.5
 
 
 # -- the registry ------------------------------------------------------------------------------------

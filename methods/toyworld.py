@@ -178,10 +178,14 @@ class ToyClassifier(torch.nn.Module):
         self.colour_head = c.Linear(128, len(COLOURS))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features_of(x)
+        return self.shape_head(h), self.colour_head(h)
+
+    def features_of(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 128) penultimate features."""
         if x.shape[-1] != self.size:
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        h = self.features(x * 2 - 1)
-        return self.shape_head(h), self.colour_head(h)
+        return self.features(x * 2 - 1)
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -372,6 +376,10 @@ class ToyDetector:
         self.net = load_detector_net(Path(cfg.weights)).to(device)
         self.min_confidence = cfg.min_confidence
         self.device = device
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.net.features_of(images.to(self.device).float()), dim=-1)
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:

@@ -21,15 +21,28 @@ from typing import Any
 
 from methods.catalog import DATASETS, METHODS
 from methods.datasets import DataContext
-from methods.evaluate import Concept, Detector, Evaluation, evaluate, load_detector, save_grid
+from methods.erasing import EraseRequest
+from methods.evaluate import (
+    Concept,
+    Detector,
+    Evaluation,
+    closeness,
+    evaluate,
+    load_detector,
+    mean_embedding,
+    save_grid,
+)
 from methods.finetune import finetune
-from methods.models import DiffusionModel, load_model
+from methods.models import DiffusionModel, load_model, weight_distance
 from orchestrator.spec import ExperimentSpec, check_components, trial_spec
 
 Report = Callable[[dict[str, Any]], None]
 
 # Reported every evaluation, as metric histories over `ft_step`; and once per trial.
-CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss")
+# Covariates (RESEARCH.md section 4): erase_distance = ||theta_erased - theta_base||, ft_distance =
+# ||theta_now - theta_erased|| (effective weights, so LoRA counts), data_closeness = cosine between the mean
+# detector embedding of the fine-tuning images and of the base model's images of the erased concept.
+CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss", "ft_distance")
 ONCE_METRICS = (
     "presence_base",
     "presence_erased",
@@ -37,6 +50,8 @@ ONCE_METRICS = (
     "retention_erased",
     "erase_seconds",
     "erase_cached",
+    "erase_distance",
+    "data_closeness",
 )
 
 
@@ -45,6 +60,7 @@ class Erased:
     model: DiffusionModel  # never fine-tuned, only copied
     seconds: float  # what the erasure cost when it ran
     evaluation: Evaluation
+    distance: float  # ||theta_erased - theta_base||
 
 
 @dataclass
@@ -95,11 +111,22 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
     if not cached:
         warm.erased.clear()  # bounded: one erased model per worker
         erased_model = copy.deepcopy(warm.model)
+        request = EraseRequest(
+            targets=concepts[:1],
+            preserve=concepts[1:],
+            seed=spec.seed,
+            data=DataContext(
+                resolution=warm.model.resolution,
+                cache_dir=Path(spec.cache_dir),
+                model=warm.model,
+                model_key=model_key(spec),
+            ),
+        )
         start = time.perf_counter()
-        METHODS.get(spec.erase.method).obj(erased_model, list(spec.concept.prompts), configs["erase"], seed=spec.seed)
+        METHODS.get(spec.erase.method).obj.erase(erased_model, request, configs["erase"])
         seconds = time.perf_counter() - start
         evaluation = evaluate(erased_model, warm.detector, concepts, configs["evaluate"])
-        warm.erased[erase_key] = Erased(erased_model, seconds, evaluation)
+        warm.erased[erase_key] = Erased(erased_model, seconds, evaluation, weight_distance(erased_model, warm.model))
     model = copy.deepcopy(warm.erased[erase_key].model)
     erased = warm.erased[erase_key].evaluation
     erase_seconds = warm.erased[erase_key].seconds
@@ -110,6 +137,7 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
         "retention_erased": erased.retention(erased_name),
         "erase_seconds": erase_seconds,
         "erase_cached": float(cached),
+        "erase_distance": warm.erased[erase_key].distance,
     }
     grid = artifact_dir / "samples.png"
     names = [c.name for c in concepts]
@@ -122,16 +150,15 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
             "resurgence": p - once["presence_erased"],
             "retention": ev.retention(erased_name),
             "ft_loss": loss,
+            "ft_distance": weight_distance(model, warm.erased[erase_key].model),
             **once,
             "samples_png": str(grid),
         }
 
     rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]
     save_grid(rows, names, grid)
-    last = metrics(0, erased, float("nan"))
-    report(last)
 
-    # Stage 3: fine-tune, evaluating every eval_every steps.
+    # Stage 3: fine-tune, evaluating every eval_every steps (step 0 is the erased model).
     ds_entry = DATASETS.get(spec.finetune.dataset.name)
     data = ds_entry.obj(
         configs["dataset"],
@@ -139,6 +166,9 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
             resolution=model.resolution, cache_dir=Path(spec.cache_dir), model=warm.model, model_key=model_key(spec)
         ),
     )
+    once["data_closeness"] = closeness(mean_embedding(warm.detector, data.pixels), warm.base.embeddings[erased_name])
+    last = metrics(0, erased, float("nan"))
+    report(last)
 
     def on_eval(step: int, loss: float) -> None:
         nonlocal last

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods.erasing import Concept, EraseRequest
 from methods.models import DiffusionModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +62,8 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
     after = module.state_dict()
     return {k for k, v in before.items() if not torch.equal(v, after[k])}
+
+
+def request(*prompts: str, name: str = "circle", seed: int = 0, **kw) -> EraseRequest:
+    """An erase request for one concept described by `prompts`."""
+    return EraseRequest(targets=[Concept(name, list(prompts))], seed=seed, **kw)

@@ -1,6 +1,6 @@
 import torch
 
-from methods.evaluate import Concept, EvalConfig, evaluate, load_detector, save_grid
+from methods.evaluate import Concept, EvalConfig, closeness, evaluate, load_detector, mean_embedding, save_grid
 
 CONCEPTS = [Concept("circle", ["a circle", "a ring"]), Concept("square", ["a square"])]
 
@@ -13,6 +13,9 @@ class Fixed:
 
     def classify(self, images, classes):
         return torch.full((images.shape[0],), classes.index(self.answer))
+
+    def embed(self, images):  # mean colour as a 3-d "embedding"
+        return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
 
 
 def test_presence_counts_detector_answers(tiny_sd):
@@ -57,3 +60,19 @@ def test_grid_png(tmp_path, tiny_sd):
 
     grid = Image.open(path)
     assert grid.width > 2 * tiny_sd.resolution and grid.height > 2 * tiny_sd.resolution
+
+
+def test_data_closeness_follows_content():
+    """Closeness is the cosine of mean embeddings: data like the concept scores higher than data unlike it."""
+    from methods import toyworld as tw
+
+    det = load_detector("toy", {}, torch.device("cpu"))
+    pixels = lambda shapes: tw.to_tensor([s.image for s in tw.samples(36, seed=2, shapes=shapes)]) * 2 - 1  # noqa: E731
+    cross = mean_embedding(det, pixels(("cross",)))
+    assert closeness(cross, mean_embedding(det, pixels(("cross",)))) > 0.99
+    others = tuple(s for s in tw.SHAPES if s != "cross")
+    with_cross, without = mean_embedding(det, pixels(tw.SHAPES)), mean_embedding(det, pixels(others))
+    assert closeness(cross, with_cross) > closeness(cross, without)
+    clip = load_detector("clip", {"model": "tiny-test", "pretrained": None}, torch.device("cpu"))
+    e = clip.embed(torch.rand(2, 3, 16, 16))
+    assert e.shape == (2, 16) and torch.allclose(e.norm(dim=-1), torch.ones(2), atol=1e-5)

@@ -5,6 +5,7 @@ import torch
 
 from methods.models import MODELS, PretrainedConfig, load_model, pretrained_family
 from methods.tokenizer import clip_tokenizer
+from tests.conftest import request
 
 
 def test_tokenizer_gives_stable_diffusion_ids():
@@ -87,8 +88,8 @@ def test_half_precision_trains_fp32_master_weights():
 
     model = load_model("tiny-sdxl", {"seed": 0}, device="cpu", dtype="bfloat16")
     assert model.dtype == torch.bfloat16 and model.vae.dtype == torch.float32  # SDXL's VAE stays fp32
-    result = esd.erase(model, ["a circle"], esd.ESDConfig(iterations=2, sample_steps=3))
-    named = dict(model.unet.named_parameters())
+    result = esd.erase(model, request("a circle"), esd.ESDConfig(iterations=2, sample_steps=3))
+    named = model.named_parameters()
     assert all(named[n].dtype == torch.float32 for n in result.trained)
     assert any(p.dtype == torch.bfloat16 for n, p in named.items() if n not in result.trained)
     data = CaptionedImages(torch.zeros(2, 3, model.resolution, model.resolution), ["a", "b"])

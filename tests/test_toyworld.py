@@ -7,6 +7,7 @@ from methods import toyworld as tw
 from methods.datasets import DATASETS, DataContext
 from methods.evaluate import load_detector
 from methods.models import DiffusionModel, load_model
+from tests.conftest import request
 
 
 def test_samples_are_deterministic_and_labelled():
@@ -113,7 +114,7 @@ def test_erasure_and_finetuning_run_in_pixel_space(toy_small, tmp_path):
 
     m = copy.deepcopy(toy_small)
     before = state(m.unet)
-    esd.erase(m, ["a red circle"], esd.ESDConfig(iterations=2, sample_steps=3))
+    esd.erase(m, request("a red circle"), esd.ESDConfig(iterations=2, sample_steps=3))
     assert all("attn2" in k for k in changed(before, m.unet))
     data = DATASETS.get("toy").obj(tw.ToyDataConfig(n=8), DataContext(resolution=16, cache_dir=tmp_path))
     result = finetune(m, data, FinetuneConfig(steps=2, trainable="lora"))
@@ -151,7 +152,9 @@ def test_esd_erases_a_shape_from_the_committed_model(toy_model):
     base = evaluate(toy_model, det, concepts, cfg)
     erased = copy.deepcopy(toy_model)
     esd.erase(
-        erased, tw.concept_prompts("cross"), esd.ESDConfig(variant="esd-x", iterations=200, lr=5e-4, sample_steps=20)
+        erased,
+        request(*tw.concept_prompts("cross"), name="cross"),
+        esd.ESDConfig(variant="esd-x", iterations=200, lr=5e-4, sample_steps=20),
     )
     after = evaluate(erased, det, concepts, cfg)
     assert base.presence["cross"] >= 0.8 and after.presence["cross"] <= 0.2, after.presence

@@ -1,0 +1,106 @@
+"""What every eraser shares: the request it answers, its result, the method registry, and the optimisation
+loop of the optimisation-based methods (so that meta-unlearning can wrap their losses).
+
+An eraser is registered as a `Method`: `erase(model, request, cfg) -> EraseResult` changes `model` in place.
+Optimisation-based methods (ESD, few-shot) also expose `objective(model, request, cfg) -> Objective`: the
+parameters they train, their optimizer and their loss at a step. `erase` is then `run_objective` over it,
+and meta-unlearning adds its meta term to the same loss. Closed-form methods (UCE, MACE) have no objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from methods.datasets import CaptionedImages, DataContext, GeneratedConfig, generated
+from methods.models import DiffusionModel
+from methods.registry import Registry
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str  # the concept's name (a detector's class name; the word a method looks for in prompts)
+    prompts: list[str]  # prompts that draw it
+
+
+@dataclass(frozen=True)
+class EraseRequest:
+    targets: list[Concept]  # concepts to erase (MACE erases many at once; the others use every prompt)
+    preserve: list[Concept] = field(default_factory=list)  # concepts to keep (the experiment's others)
+    seed: int = 0
+    data: DataContext | None = None  # cache and base model, for methods that draw images of a concept
+    log: Callable[[int, float], None] | None = None  # (step, loss) of optimisation-based methods
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for c in self.targets for p in c.prompts]
+
+
+@dataclass(frozen=True)
+class EraseResult:
+    trained: list[str]  # names (model.named_parameters()) of the parameters the method changed
+    losses: list[float] = field(default_factory=list)  # one per optimizer step (empty for closed forms)
+
+
+class Objective(Protocol):
+    params: dict[str, torch.nn.Parameter]  # what the method trains, by model.named_parameters() name
+
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    def loss(self, step: int) -> torch.Tensor:
+        """The method's loss at optimizer step `step` (graph attached to `params`)."""
+        ...
+
+    def close(self) -> None:
+        """Free what the objective holds (frozen copies) and switch gradients off."""
+        ...
+
+
+@dataclass(frozen=True)
+class Method:
+    erase: Callable[[DiffusionModel, EraseRequest, Any], EraseResult]
+    objective: Callable[[DiffusionModel, EraseRequest, Any], Objective] | None = None
+    steps: Callable[[Any], int] | None = None  # optimizer steps of its config (with `objective`)
+
+
+METHODS: Registry[Method] = Registry("method")
+
+
+def run_objective(obj: Objective, steps: int, log: Callable[[int, float], None] | None = None) -> EraseResult:
+    """Minimise an objective for `steps` optimizer steps (the plain, non-meta training loop)."""
+    optimizer = obj.optimizer()
+    losses: list[float] = []
+    try:
+        for step in range(steps):
+            loss = obj.loss(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if log is not None:
+                log(step, losses[-1])
+    finally:
+        obj.close()
+    return EraseResult(trained=sorted(obj.params), losses=losses)
+
+
+def concept_images(
+    request: EraseRequest,
+    prompts: list[str],
+    *,
+    images_per_prompt: int,
+    seed: int,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+) -> CaptionedImages:
+    """Images the *base* model draws from `prompts`, cached under the request's data context (the way
+    the source papers make their concept and preservation sets)."""
+    if request.data is None or request.data.model is None:
+        raise ValueError("this method draws images of the concept and needs a data context with the base model")
+    cfg = GeneratedConfig(
+        prompts=prompts, images_per_prompt=images_per_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed
+    )
+    return generated(cfg, request.data)
