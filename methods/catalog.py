@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 # Importing a component's file registers it.
-from methods import esd, none, toyworld  # noqa: F401
+from methods import esd, fewshot, mace, meta, none, toyworld, uce  # noqa: F401
 from methods.datasets import DATASETS
 from methods.erasing import METHODS
 from methods.evaluate import DETECTORS

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class DataContext:
     cache_dir: Path  # where generated datasets are kept
     model: DiffusionModel | None = None  # the base model, for `generated`
     model_key: str = ""  # a stable identity of that model (part of the cache key)
+    concept_prompts: list[str] = field(default_factory=list)  # the erased concept's prompts, for `concept`
 
 
 DATASETS: Registry[Callable[[Any, DataContext], CaptionedImages]] = Registry("dataset")
@@ -209,3 +210,24 @@ def generated(cfg: GeneratedConfig, ctx: DataContext) -> CaptionedImages:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return image_folder(ImageFolderConfig(path=os.fspath(folder)), ctx)
+
+
+# -- concept ------------------------------------------------------------------------------------------
+class ConceptImagesConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    images_per_prompt: int = Field(2, ge=1)
+    steps: int = Field(25, ge=1)  # DDIM steps per image
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 1000  # away from the evaluation's seeds (0, 1, ...): the attack does not see evaluated images
+
+
+@DATASETS.register(
+    "concept",
+    config=ConceptImagesConfig,
+    description="images of the erased concept drawn by the base model (the relearning attack; cached)",
+)
+def concept_images(cfg: ConceptImagesConfig, ctx: DataContext) -> CaptionedImages:
+    if not ctx.concept_prompts:
+        raise ValueError("the concept dataset needs the erased concept's prompts")
+    return generated(GeneratedConfig(prompts=list(ctx.concept_prompts), **cfg.model_dump()), ctx)

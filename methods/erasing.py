@@ -62,8 +62,7 @@ class Objective(Protocol):
 @dataclass(frozen=True)
 class Method:
     erase: Callable[[DiffusionModel, EraseRequest, Any], EraseResult]
-    objective: Callable[[DiffusionModel, EraseRequest, Any], Objective] | None = None
-    steps: Callable[[Any], int] | None = None  # optimizer steps of its config (with `objective`)
+    objective: Callable[[DiffusionModel, EraseRequest, Any], Objective] | None = None  # optimisation-based
 
 
 METHODS: Registry[Method] = Registry("method")

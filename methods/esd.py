@@ -119,4 +119,4 @@ def erase(model: DiffusionModel, request: EraseRequest, cfg: ESDConfig) -> Erase
 
 METHODS.register(
     "esd", config=ESDConfig, description="ESD (Gandikota 2023): negative-guidance fine-tuning, ESD-x / ESD-u"
-)(Method(erase=erase, objective=ESDObjective, steps=lambda cfg: cfg.iterations))
+)(Method(erase=erase, objective=ESDObjective))

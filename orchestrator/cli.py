@@ -253,12 +253,19 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _data_name(spec: ExperimentSpec) -> str:
+    ft = spec.finetune
+    if ft.dataset is not None:
+        return ft.dataset.name
+    return " + ".join(f"{n} ({ft.datasets[n].name})" for n in ft.data.split("+"))  # type: ignore[union-attr]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, _ = load_spec(args.spec)
     dims = ", ".join(spec.search.space) or "none"
     print(
         f"{args.spec}: valid ({spec.search.num_samples} trials; model {spec.model.name}, method "
-        f"{spec.erase.method}, dataset {spec.finetune.dataset.name}, detector {spec.evaluate.detector.name}; "
+        f"{spec.erase.method}, data {_data_name(spec)}, detector {spec.evaluate.detector.name}; "
         f"searching {dims})"
     )
     return 0

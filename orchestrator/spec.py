@@ -53,9 +53,33 @@ class ComponentSpec(_Strict):
 
 
 class FinetuneSpec(_Strict):
-    dataset: ComponentSpec  # a registered dataset and its options
+    dataset: ComponentSpec | None = None  # a registered dataset and its options (one data choice)
+    datasets: dict[str, ComponentSpec] = Field(default_factory=dict)  # or named data choices, for searches
+    data: str | None = None  # with `datasets`: the names to fine-tune on, "a" or "a+b" (rounds take them in turn)
+    rounds: int = Field(1, ge=1)  # sequential fine-tuning rounds of config.steps steps each, cycling through data
     config: dict[str, Any] = Field(default_factory=dict)  # methods.finetune.FinetuneConfig
     eval_every: int = Field(10, ge=1)  # evaluate (and report to Tune) every N fine-tuning steps
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FinetuneSpec:
+        if (self.dataset is None) == (not self.datasets):
+            raise ValueError("give either dataset or datasets (named data choices), not both")
+        if self.datasets:
+            if self.data is None:
+                raise ValueError(f"data: name the dataset(s) to use, one of {', '.join(self.datasets)}")
+            unknown = [n for n in self.data.split("+") if n not in self.datasets]
+            if unknown:
+                raise ValueError(f"data: unknown data choice {unknown[0]!r} (known: {', '.join(self.datasets)})")
+        elif self.data is not None:
+            raise ValueError("data: only with datasets")
+        return self
+
+    def round_datasets(self) -> list[tuple[str, ComponentSpec]]:
+        """(choice name, dataset) of each round, in order."""
+        if self.dataset is not None:
+            return [("dataset", self.dataset)] * self.rounds
+        names = self.data.split("+")  # type: ignore[union-attr]
+        return [(names[r % len(names)], self.datasets[names[r % len(names)]]) for r in range(self.rounds)]
 
 
 class EvaluateSpec(_Strict):
@@ -206,13 +230,14 @@ def check_components(spec: ExperimentSpec) -> dict[str, Any]:
     configs = {
         "model": _component(MODELS, spec.model.name, spec.model.config, "model.name"),
         "erase": _component(METHODS, spec.erase.method, spec.erase.config, "erase.method"),
-        "dataset": _component(
-            DATASETS, spec.finetune.dataset.name, spec.finetune.dataset.config, "finetune.dataset.name"
-        ),
         "detector": _component(
             DETECTORS, spec.evaluate.detector.name, spec.evaluate.detector.config, "evaluate.detector.name"
         ),
     }
+    configs["datasets"] = {}  # choice name -> typed config of the datasets this trial fine-tunes on
+    for choice, ds in spec.finetune.round_datasets():
+        field = "finetune.dataset.name" if choice == "dataset" else f"finetune.datasets.{choice}.name"
+        configs["datasets"][choice] = _component(DATASETS, ds.name, ds.config, field)
     for key, cls, section, field in (
         ("finetune", FinetuneConfig, spec.finetune.config, "finetune.config"),
         ("evaluate", EvalConfig, spec.evaluate.config, "evaluate.config"),
@@ -294,7 +319,9 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
     out = spec.model_dump(mode="json", exclude={"search", "smoke"})
     out["model"]["config"] = configs["model"].model_dump(mode="json") if configs["model"] else {}
     out["erase"]["config"] = configs["erase"].model_dump(mode="json") if configs["erase"] else {}
-    out["finetune"]["dataset"]["config"] = configs["dataset"].model_dump(mode="json") if configs["dataset"] else {}
+    for choice, typed in configs["datasets"].items():
+        node = out["finetune"]["dataset"] if choice == "dataset" else out["finetune"]["datasets"][choice]
+        node["config"] = typed.model_dump(mode="json") if typed else {}
     out["finetune"]["config"] = configs["finetune"].model_dump(mode="json")
     out["evaluate"]["detector"]["config"] = configs["detector"].model_dump(mode="json") if configs["detector"] else {}
     out["evaluate"]["config"] = configs["evaluate"].model_dump(mode="json")
@@ -302,9 +329,10 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
 
 
 def max_finetune_steps(spec: ExperimentSpec) -> int:
-    dim = spec.search.space.get("finetune.config.steps")
-    if dim is not None:
-        return int(max(dim.extremes()))
+    """The longest fine-tune a trial can run (steps x rounds): ASHA's max_t."""
     from methods.finetune import FinetuneConfig
 
-    return FinetuneConfig.model_validate(spec.finetune.config).steps
+    dim = spec.search.space.get("finetune.config.steps")
+    steps = int(max(dim.extremes())) if dim is not None else FinetuneConfig.model_validate(spec.finetune.config).steps
+    rounds = spec.search.space.get("finetune.rounds")
+    return steps * (int(max(rounds.extremes())) if rounds is not None else spec.finetune.rounds)

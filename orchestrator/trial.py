@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from methods.catalog import DATASETS, METHODS
 from methods.datasets import DataContext
 from methods.erasing import EraseRequest
@@ -158,26 +160,36 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
     rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]
     save_grid(rows, names, grid)
 
-    # Stage 3: fine-tune, evaluating every eval_every steps (step 0 is the erased model).
-    ds_entry = DATASETS.get(spec.finetune.dataset.name)
-    data = ds_entry.obj(
-        configs["dataset"],
-        DataContext(
-            resolution=model.resolution, cache_dir=Path(spec.cache_dir), model=warm.model, model_key=model_key(spec)
-        ),
+    # Stage 3: fine-tune, round after round, evaluating every eval_every steps (step 0 is the erased model).
+    ctx = DataContext(
+        resolution=model.resolution,
+        cache_dir=Path(spec.cache_dir),
+        model=warm.model,
+        model_key=model_key(spec),
+        concept_prompts=list(spec.concept.prompts),
     )
-    once["data_closeness"] = closeness(mean_embedding(warm.detector, data.pixels), warm.base.embeddings[erased_name])
+    data = {
+        choice: DATASETS.get(ds.name).obj(configs["datasets"][choice], ctx)
+        for choice, ds in dict(spec.finetune.round_datasets()).items()
+    }
+    pixels = torch.cat([d.pixels for d in data.values()])
+    once["data_closeness"] = closeness(mean_embedding(warm.detector, pixels), warm.base.embeddings[erased_name])
     last = metrics(0, erased, float("nan"))
     report(last)
+    offset = 0  # fine-tuning steps of the earlier rounds: ft_step keeps growing across rounds
 
     def on_eval(step: int, loss: float) -> None:
         nonlocal last
         ev = evaluate(model, warm.detector, concepts, configs["evaluate"])
-        save_grid([*rows, (f"ft {step}", [ev.samples[n] for n in names])], names, grid)
-        last = metrics(step, ev, loss)
+        save_grid([*rows, (f"ft {offset + step}", [ev.samples[n] for n in names])], names, grid)
+        last = metrics(offset + step, ev, loss)
         report(last)
 
-    finetune(model, data, configs["finetune"], every=spec.finetune.eval_every, callback=on_eval)
+    ft_cfg = configs["finetune"]
+    for r, (choice, _) in enumerate(spec.finetune.round_datasets()):
+        round_cfg = ft_cfg.model_copy(update={"seed": ft_cfg.seed + r})  # a fresh data order per round
+        finetune(model, data[choice], round_cfg, every=spec.finetune.eval_every, callback=on_eval)
+        offset += ft_cfg.steps
     return last
 
 

@@ -31,11 +31,17 @@ def _spec(tmp_path, **changes):
 DELETE = object()
 
 BAD = [
-    ({"erase__method": "nope"}, "erase.method: unknown method 'nope' (known: esd)"),
+    ({"erase__method": "nope"}, "erase.method: unknown method 'nope' (known: esd, fewshot, mace, meta, none, uce)"),
     ({"model__name": "sd-99"}, "model.name: unknown model 'sd-99' (known: pretrained, tiny-sd, tiny-sdxl, toy)"),
     ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip, toy)"),
-    ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: generated, "),
+    ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: concept, generated, "),
     ({"erase__config__iterations": "many"}, "erase.config.iterations: Input should be a valid integer"),
+    ({"finetune__datasets": {"a": {"name": "toy"}}}, "finetune: give either dataset or datasets"),
+    ({"finetune__data": "a"}, "finetune: data: only with datasets"),
+    (
+        {"erase__method": "meta", "erase__config": {"method": "esd", "method_config": {"eta": -2}}},
+        "erase.config: method_config.eta: Input should be greater than 0",
+    ),
     ({"erase__config__eta": -1}, "erase.config.eta: Input should be greater than 0"),
     ({"erase__config__etaa": 1}, "erase.config.etaa: Extra inputs are not permitted"),
     ({"finetune__config__lr": 0}, "finetune.config.lr: Input should be greater than 0"),
@@ -134,7 +140,8 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, isolated_env):
         timeout=300,
     )
     assert out.returncode == 2
-    assert out.stderr.strip() == "resurgence: error: erase.method: unknown method 'nope' (known: esd)"
+    known = "esd, fewshot, mace, meta, none, uce"
+    assert out.stderr.strip() == f"resurgence: error: erase.method: unknown method 'nope' (known: {known})"
     assert not (tmp_path / "mlflow.db").exists()
 
 

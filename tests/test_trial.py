@@ -39,3 +39,33 @@ def test_reports_and_erasure_memo(tmp_path):
     # another erasure config is erased anew
     other, _ = _run(tmp_path, **{"erase.config.iterations": 3})
     assert other[0]["erase_cached"] == 0.0
+
+
+def test_covariates(tmp_path):
+    reports, _ = _run(tmp_path)
+    assert reports[0]["erase_distance"] > 0 and reports[0]["ft_distance"] == 0.0
+    assert reports[-1]["ft_distance"] > 0  # fine-tuning moved the weights
+    assert -1.0 <= reports[0]["data_closeness"] <= 1.0
+
+
+def test_control_trial_and_multi_round_relearning_attack(tmp_path):
+    """Method `none` leaves the base model (no distance, presence_erased = presence_base); two rounds,
+    benign data then images of the concept itself, keep ft_step growing across rounds."""
+    reports, _ = _run(
+        tmp_path,
+        **{
+            "erase": {"method": "none"},
+            "finetune.dataset": None,
+            "finetune.datasets": {
+                "benign": {
+                    "name": "generated",
+                    "config": {"prompts": ["a square"], "images_per_prompt": 1, "steps": 2},
+                },
+                "relearn": {"name": "concept", "config": {"images_per_prompt": 1, "steps": 2}},
+            },
+            "finetune.data": "benign+relearn",
+            "finetune.rounds": 2,
+        },
+    )
+    assert [r["ft_step"] for r in reports] == [0, 2, 4, 6, 8]
+    assert reports[0]["erase_distance"] == 0.0 and reports[0]["presence_erased"] == reports[0]["presence_base"]

@@ -1,0 +1,83 @@
+import pytest
+import torch
+from pydantic import ValidationError
+
+from methods import meta
+from methods.datasets import DataContext
+from methods.erasing import Concept, EraseRequest
+from tests.conftest import changed, state
+
+TINY = dict(image_steps=2, batch_size=2, inner_steps=1, inner_lr=1e-2, lr=1e-3)
+
+
+def _request(model, tmp_path):
+    ctx = DataContext(resolution=model.resolution, cache_dir=tmp_path, model=model, model_key="tiny")
+    return EraseRequest(
+        targets=[Concept("circle", ["a circle", "a red circle"])],
+        preserve=[Concept("square", ["a square"])],
+        data=ctx,
+    )
+
+
+def test_meta_term_is_nonzero_and_on_the_trainable_parameters(tiny_sd, tmp_path):
+    cfg = meta.MetaConfig(method="uce", related=meta.ImageSet(prompts=["a ring"]), **TINY)
+    request = _request(tiny_sd, tmp_path)
+    sets = {
+        "harmful_train": meta._batches(meta._images(request, cfg.harmful, request.prompts, 0, cfg), 2),
+        "harmful_test": meta._batches(meta._images(request, cfg.harmful, request.prompts, 1, cfg), 2),
+        "related": meta._batches(meta._images(request, cfg.related, [], 2, cfg), 2),
+        "unrelated": meta._batches(meta._images(request, cfg.unrelated, ["a square"], 3, cfg), 2),
+    }
+    names = sorted(n for n in tiny_sd.named_parameters() if "attn2.to_k" in n)
+    for n in names:
+        tiny_sd.named_parameters()[n].requires_grad_(True)
+    g = meta.meta_gradient(tiny_sd, names, sets, cfg, torch.Generator().manual_seed(0))
+    shapes = [tiny_sd.named_parameters()[n].shape for n in names]
+    assert [x.shape for x in g] == shapes
+    assert sum(float(x.norm()) for x in g) > 0
+    # only the terms at theta' involve relearning: with gamma1_* = 0 the term is still non-zero
+    only_meta = cfg.model_copy(update={"gamma1_1": 0.0, "gamma1_2": 0.0})
+    g2 = meta.meta_gradient(tiny_sd, names, sets, only_meta, torch.Generator().manual_seed(0))
+    assert sum(float(x.norm()) for x in g2) > 0
+
+
+@pytest.mark.parametrize(
+    "method, method_config, allowed",
+    [
+        ("uce", {}, ("attn2.to_k.weight", "attn2.to_v.weight")),
+        ("esd", {"variant": "esd-x", "iterations": 2, "sample_steps": 3}, ("attn2",)),
+    ],
+)
+def test_meta_changes_only_the_trainable_parameters(tiny_sd, tmp_path, method, method_config, allowed):
+    unet, te = state(tiny_sd.unet), state(tiny_sd.pipe.text_encoder)
+    cfg = meta.MetaConfig(method=method, method_config=method_config, outer_steps=1, **TINY)
+    result = meta.erase(tiny_sd, _request(tiny_sd, tmp_path), cfg)
+    moved = {f"unet.{k}" for k in changed(unet, tiny_sd.unet)}
+    assert moved and moved <= set(result.trained)
+    assert all(any(a in k for a in allowed) for k in result.trained)
+    assert not changed(te, tiny_sd.pipe.text_encoder)
+    assert not any(p.requires_grad for p in tiny_sd.unet.parameters())
+
+
+def test_meta_differs_from_the_plain_method(_tiny_sd, tmp_path):
+    """Same ESD steps and seed, with and without the meta term: the weights differ."""
+    import copy
+
+    from methods import esd
+
+    a, b = copy.deepcopy(_tiny_sd), copy.deepcopy(_tiny_sd)
+    esd_cfg = {"variant": "esd-x", "iterations": 2, "sample_steps": 3, "lr": 1e-3}
+    esd.erase(a, _request(a, tmp_path), esd.ESDConfig(**esd_cfg))
+    meta.erase(b, _request(b, tmp_path), meta.MetaConfig(method="esd", method_config=esd_cfg, outer_steps=2, **TINY))
+    assert any(not torch.equal(x, y) for x, y in zip(a.unet.parameters(), b.unet.parameters(), strict=True))
+
+
+def test_meta_config_checks_the_wrapped_method():
+    with pytest.raises(ValidationError, match="unknown method 'nope'"):
+        meta.MetaConfig(method="nope")
+    with pytest.raises(ValidationError, match="cannot wrap itself"):
+        meta.MetaConfig(method="meta")
+    with pytest.raises(ValidationError, match="method_config.eta"):
+        meta.MetaConfig(method="esd", method_config={"eta": -1})
+    with pytest.raises(ValidationError, match="not an imagefolder"):
+        meta.ImageSet(folder="/no/such")
