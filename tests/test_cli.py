@@ -145,6 +145,12 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, isolated_env):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_is_valid(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    assert ": valid (" in capsys.readouterr().out
+
+
 def test_validate_and_list(capsys):
     assert main(["validate", str(REPO / "search_spaces" / "smoke.yaml")]) == 0
     assert "valid (4 trials" in capsys.readouterr().out
