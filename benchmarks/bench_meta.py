@@ -7,7 +7,7 @@ real renders of crosses (the relearning attack of the meta-unlearning paper), wi
 cross measured every `--every` steps on the same seeds.
 
     python benchmarks/bench_meta.py                       # ~15 min on 2 cores
-    python benchmarks/bench_meta.py --gamma2 0.1 --attack-lr 5e-5
+    python benchmarks/bench_meta.py --gamma2 0.1 --gamma2-3 0     # a stronger meta term, no ascent on others
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concept", default="cross", choices=toyworld.SHAPES)
     parser.add_argument("--gamma1", type=float, default=0.1, help="gamma1_1 (unrelated set at theta)")
-    parser.add_argument("--gamma2", type=float, default=0.01, help="gamma2_1 = gamma2_3 (sets at theta')")
+    parser.add_argument("--gamma2", type=float, default=0.01, help="gamma2_1 (harmful test set at theta')")
+    parser.add_argument("--gamma2-3", type=float, default=None, help="gamma2_3 (unrelated at theta'); default gamma2")
     parser.add_argument("--inner-steps", type=int, default=3)
     parser.add_argument("--attack-lr", type=float, default=1e-4)
     parser.add_argument("--attack-steps", type=int, default=100)
@@ -58,7 +59,7 @@ def main() -> None:
         batch_size=6,
         gamma1_1=args.gamma1,
         gamma2_1=args.gamma2,
-        gamma2_3=args.gamma2,
+        gamma2_3=args.gamma2 if args.gamma2_3 is None else args.gamma2_3,
         harmful=meta.ImageSet(images_per_prompt=2),
         unrelated=meta.ImageSet(images_per_prompt=1),
         image_steps=20,
@@ -68,7 +69,10 @@ def main() -> None:
         toyworld.ToyDataConfig(n=36, shapes=[args.concept], seed=7), DataContext(resolution=16, cache_dir=Path("."))
     )
     attack = FinetuneConfig(trainable="full", lr=args.attack_lr, steps=args.attack_steps, batch_size=8, seed=3)
-    print(f"meta: gamma1_1 {meta_cfg.gamma1_1}, gamma2_1 = gamma2_3 {args.gamma2}, inner steps {args.inner_steps}")
+    print(
+        f"meta: gamma1_1 {meta_cfg.gamma1_1}, gamma2_1 {meta_cfg.gamma2_1}, gamma2_3 {meta_cfg.gamma2_3}, "
+        f"inner steps {args.inner_steps}"
+    )
     curves: dict[str, list[tuple[int, float]]] = {}
     summary = {}
     with tempfile.TemporaryDirectory() as tmp:

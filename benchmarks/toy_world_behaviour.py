@@ -1,7 +1,7 @@
 """Does the toy world behave? Base presence of every shape, then ESD erasing one shape: its presence and
 the other shapes' presence, measured with the committed toy model and detector.
 
-    python benchmarks/toy_world_behaviour.py                      # erase circle with ESD-x defaults below
+    python benchmarks/toy_world_behaviour.py                      # erase cross with the main job's ESD-x
     python benchmarks/toy_world_behaviour.py --concept bar --variant esd-u --iterations 200
 
 Targets (issue 3): base presence of each shape >= 0.8; after erasure the erased shape <= 0.15 and every
@@ -24,12 +24,12 @@ from methods.models import load_model
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--concept", default="circle", choices=toyworld.SHAPES)
+    parser.add_argument("--concept", default="cross", choices=toyworld.SHAPES)
     parser.add_argument("--variant", default="esd-x")
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eta", type=float, default=1.0)
-    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--images-per-prompt", type=int, default=8)
     parser.add_argument("--bare", action="store_true", help="erase the bare word (official ESD) not its prompts")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -81,3 +81,13 @@ def test_meta_config_checks_the_wrapped_method():
         meta.MetaConfig(method="esd", method_config={"eta": -1})
     with pytest.raises(ValidationError, match="not an imagefolder"):
         meta.ImageSet(folder="/no/such")
+
+
+def test_meta_over_a_text_encoder_method(tiny_sd, tmp_path):
+    """Few-shot erasure trains the text encoder: the meta gradients reach it through the relearned copy."""
+    unet, te = state(tiny_sd.unet), state(tiny_sd.pipe.text_encoder)
+    inner = {"epochs": 1, "images": 2, "image_steps": 2, "lr": 1e-3}
+    cfg = meta.MetaConfig(method="fewshot", method_config=inner, outer_steps=1, **TINY)
+    result = meta.erase(tiny_sd, _request(tiny_sd, tmp_path), cfg)
+    assert result.trained and all(n.startswith("text_encoder.") for n in result.trained)
+    assert changed(te, tiny_sd.pipe.text_encoder) and not changed(unet, tiny_sd.unet)
