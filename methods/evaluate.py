@@ -207,6 +207,11 @@ def closeness(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float(), b.float(), dim=0))
 
 
+def data_closeness(detector: Detector, pixel_sets: list[torch.Tensor], concept: torch.Tensor) -> float:
+    """Closeness of all the images of several datasets ((N_i, 3, H, W) in [-1, 1]) to a concept's mean embedding."""
+    return closeness(mean_embedding(detector, torch.cat(pixel_sets)), concept)
+
+
 def save_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str], path: Path, scale: int = 2) -> Path:
     """A labelled PNG grid: one row per stage (e.g. base / erased / fine-tuned), one column per concept."""
     images = [[to_images(img.unsqueeze(0))[0] for img in row] for _, row in rows]

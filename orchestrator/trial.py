@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from methods.catalog import DATASETS, METHODS
 from methods.datasets import DataContext
 from methods.erasing import EraseRequest
@@ -28,10 +26,9 @@ from methods.evaluate import (
     Concept,
     Detector,
     Evaluation,
-    closeness,
+    data_closeness,
     evaluate,
     load_detector,
-    mean_embedding,
     save_grid,
 )
 from methods.finetune import finetune
@@ -172,8 +169,8 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
         choice: DATASETS.get(ds.name).obj(configs["datasets"][choice], ctx)
         for choice, ds in dict(spec.finetune.round_datasets()).items()
     }
-    pixels = torch.cat([d.pixels for d in data.values()])
-    once["data_closeness"] = closeness(mean_embedding(warm.detector, pixels), warm.base.embeddings[erased_name])
+    pixel_sets = [d.pixels for d in data.values()]
+    once["data_closeness"] = data_closeness(warm.detector, pixel_sets, warm.base.embeddings[erased_name])
     last = metrics(0, erased, float("nan"))
     report(last)
     offset = 0  # fine-tuning steps of the earlier rounds: ft_step keeps growing across rounds
