@@ -9,13 +9,16 @@ and meta-unlearning adds its meta term to the same loss. Closed-form methods (UC
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from PIL import Image
 
-from methods.datasets import CaptionedImages, DataContext, GeneratedConfig, generated
+from methods.datasets import CaptionedImages, DataContext, GeneratedConfig, generated, to_pixels
 from methods.models import DiffusionModel
 from methods.registry import Registry
 
@@ -103,3 +106,36 @@ def concept_images(
         prompts=prompts, images_per_prompt=images_per_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed
     )
     return generated(cfg, request.data)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def concept_pixels(
+    request: EraseRequest,
+    concept: Concept,
+    *,
+    images: int,
+    folder: str | None,
+    resolution: int,
+    steps: int,
+    guidance_scale: float,
+) -> tuple[torch.Tensor, list[str]]:
+    """Up to `images` images of `concept` as (N, 3, R, R) in [-1, 1], and a name per image (file stems):
+    from `<folder>/<concept name>/` when a folder is given, else drawn by the base model (cached)."""
+    if folder is not None:
+        where = Path(folder).expanduser() / concept.name
+        files = sorted(f for f in where.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if where.is_dir() else []
+        files = files[:images]
+        if not files:
+            raise ValueError(f"{where}: no images of {concept.name!r}")
+        return to_pixels([Image.open(f) for f in files], resolution), [f.stem for f in files]
+    data = concept_images(
+        request,
+        concept.prompts,
+        images_per_prompt=max(1, math.ceil(images / len(concept.prompts))),
+        seed=request.seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+    )
+    return data.pixels[:images], [f"{concept.name}_{i}" for i in range(min(images, len(data)))]

@@ -161,14 +161,17 @@ class EvalConfig(BaseModel):
 class Evaluation:
     presence: dict[str, float]  # concept name -> presence
     samples: dict[str, torch.Tensor]  # concept name -> its first image, (3, H, W) in [0, 1]
-    embeddings: dict[str, torch.Tensor]  # concept name -> mean detector embedding of its images, (D,)
+    embeddings: dict[str, torch.Tensor]  # concept name -> mean detector embedding of its images, (D,);
+    # only when asked for (evaluate(..., embed=True)): it costs a second pass of the detector
 
     def retention(self, erased: str) -> float:
         others = [v for k, v in self.presence.items() if k != erased]
         return sum(others) / len(others) if others else float("nan")
 
 
-def evaluate(model: DiffusionModel, detector: Detector, concepts: list[Concept], cfg: EvalConfig) -> Evaluation:
+def evaluate(
+    model: DiffusionModel, detector: Detector, concepts: list[Concept], cfg: EvalConfig, *, embed: bool = False
+) -> Evaluation:
     classes = [c.name for c in concepts] + list(cfg.extra_classes)
     presence: dict[str, float] = {}
     samples: dict[str, torch.Tensor] = {}
@@ -185,10 +188,12 @@ def evaluate(model: DiffusionModel, detector: Detector, concepts: list[Concept],
             if start == 0:
                 samples[concept.name] = images[0]
             hits += int((detector.classify(images, classes) == k).sum())
-            summed = detector.embed(images).sum(0).cpu()
-            total = summed if total is None else total + summed
+            if embed:
+                summed = detector.embed(images).sum(0).cpu()
+                total = summed if total is None else total + summed
         presence[concept.name] = hits / len(jobs)
-        embeddings[concept.name] = total / len(jobs)
+        if embed:
+            embeddings[concept.name] = total / len(jobs)
     return Evaluation(presence, samples, embeddings)
 
 

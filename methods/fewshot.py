@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from methods.datasets import to_pixels
-from methods.erasing import METHODS, EraseRequest, EraseResult, Method, concept_images, run_objective
+from methods.erasing import METHODS, EraseRequest, EraseResult, Method, concept_pixels, run_objective
 from methods.models import DiffusionModel
 
 # Textual Inversion's templates, as the official code uses them (27 object, 19 style).
@@ -134,22 +132,15 @@ class FewShotObjective:
             c = model.unet.config
             shape = (cfg.batch_size, c.in_channels, c.sample_size, c.sample_size)
             return torch.rand(shape, generator=self.generator).to(model.device)
-        if cfg.image_folder is not None:
-            folder = Path(cfg.image_folder).expanduser() / concept.name
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-            if not files:
-                raise ValueError(f"{folder}: no images of {concept.name!r}")
-            pixels = to_pixels([Image.open(f) for f in files[: cfg.images]], model.resolution)
-        else:
-            data = concept_images(
-                request,
-                concept.prompts,
-                images_per_prompt=max(1, math.ceil(cfg.images / len(concept.prompts))),
-                seed=request.seed,
-                steps=cfg.image_steps,
-                guidance_scale=cfg.image_guidance,
-            )
-            pixels = data.pixels[: cfg.images]
+        pixels, _ = concept_pixels(
+            request,
+            concept,
+            images=cfg.images,
+            folder=cfg.image_folder,
+            resolution=model.resolution,
+            steps=cfg.image_steps,
+            guidance_scale=cfg.image_guidance,
+        )
         if cfg.flip:
             flip = torch.rand(len(pixels), generator=self.generator) < 0.5
             pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)

@@ -39,11 +39,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from methods import xattn
-from methods.datasets import to_pixels
-from methods.erasing import METHODS, Concept, EraseRequest, EraseResult, Method, concept_images
+from methods.erasing import METHODS, Concept, EraseRequest, EraseResult, Method, concept_pixels
 from methods.models import DiffusionModel
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class MACEConfig(BaseModel):
@@ -58,7 +55,7 @@ class MACEConfig(BaseModel):
     rank: int = Field(1, ge=1)  # LoRA rank (official 1)
     lr: float = Field(1e-5, gt=0)  # AdamW learning rate of each LoRA (objects 1e-5, celebrities 1e-4)
     steps: int = Field(50, ge=0)  # optimizer steps per concept (official 50); 0 skips stages 2-3
-    images: int = Field(8, ge=1)  # concept images drawn by the base model when no folder is given
+    images: int = Field(8, ge=1)  # concept images (official 8): drawn by the base model, or the first of the folder
     image_steps: int = Field(30, ge=1)  # sampling steps for those images (official 30)
     image_guidance: float = Field(7.5, ge=0)  # their CFG scale (official 7.5)
     image_folder: str | None = None  # a folder with one subfolder of images per concept name
@@ -89,11 +86,6 @@ def matching_positions(old: list[int], new: list[int], length: int) -> tuple[lis
     o += list(range(len(old), len(old) + pads))
     n += list(range(len(new), len(new) + pads))
     return o, n
-
-
-def _ids(model: DiffusionModel, prompt: str) -> list[int]:
-    tok = model.pipe.tokenizer
-    return tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
 
 
 def mapped_prompt(prompt: str, concept: str, mapping: str) -> str:
@@ -127,7 +119,7 @@ def closed_form_refinement(
         mapped = [mapped_prompt(p, concept.name, cfg.mapping) for p in concept.prompts]
         e_old, e_new = xattn.embeddings(model, concept.prompts), xattn.embeddings(model, mapped)  # (N, L, D)
         for k, (p, q) in enumerate(zip(concept.prompts, mapped, strict=True)):
-            o, n = matching_positions(_ids(model, p), _ids(model, q), e_old.shape[1])
+            o, n = matching_positions(xattn.token_ids(model, p), xattn.token_ids(model, q), e_old.shape[1])
             contexts.append(e_old[k, o])
             targets.append(e_new[k, n])
     c, c_new = torch.cat(contexts), torch.cat(targets)  # (T, D): tokens around the concept, mapping's
@@ -177,13 +169,6 @@ def _timestep_weights(n: int) -> torch.Tensor:
     return (w / w.sum()).float()
 
 
-def _load_images(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{folder}: no images")
-    return to_pixels([Image.open(f) for f in files], resolution), [f.stem for f in files]
-
-
 def _masks(cfg: MACEConfig, concept: str, stems: list[str], resolution: int) -> torch.Tensor:
     """(N, 1, R, R) in {0, 1}: the concept's masks, or all ones."""
     out = torch.ones(len(stems), 1, resolution, resolution)
@@ -197,24 +182,6 @@ def _masks(cfg: MACEConfig, concept: str, stems: list[str], resolution: int) -> 
                 out[i, 0] = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0) > 0.5
                 break
     return out
-
-
-def _concept_data(model: DiffusionModel, request: EraseRequest, concept: Concept, cfg: MACEConfig, index: int):  # noqa: ANN202
-    if cfg.image_folder is not None:
-        folder = Path(cfg.image_folder).expanduser() / concept.name
-        pixels, stems = _load_images(folder, model.resolution)
-    else:
-        per_prompt = max(1, math.ceil(cfg.images / len(concept.prompts)))
-        data = concept_images(
-            request,
-            concept.prompts,
-            images_per_prompt=per_prompt,
-            seed=request.seed,
-            steps=cfg.image_steps,
-            guidance_scale=cfg.image_guidance,
-        )
-        pixels, stems = data.pixels[: cfg.images], [f"{index}_{i}" for i in range(min(cfg.images, len(data)))]
-    return pixels, _masks(cfg, concept.name, stems, model.resolution)
 
 
 def attention_loss(maps: list[torch.Tensor], mask: torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -238,7 +205,16 @@ def train_lora(
     losses: list[float],
 ) -> dict[str, torch.Tensor]:
     """Stage 2 for one concept: its LoRA's weight deltas B A per projection."""
-    pixels, masks = _concept_data(model, request, concept, cfg, index)
+    pixels, stems = concept_pixels(
+        request,
+        concept,
+        images=cfg.images,
+        folder=cfg.image_folder,
+        resolution=model.resolution,
+        steps=cfg.image_steps,
+        guidance_scale=cfg.image_guidance,
+    )
+    masks = _masks(cfg, concept.name, stems, model.resolution)
     generator = torch.Generator("cpu").manual_seed(request.seed + index)
     latents = model.latents_of(pixels, generator)
     lora = _LoRA(projections, cfg.rank, generator)

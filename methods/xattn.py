@@ -26,10 +26,15 @@ def kv_projections(model: DiffusionModel, with_to_k: bool = True) -> dict[str, t
     }
 
 
-def token_counts(model: DiffusionModel, prompts: list[str]) -> list[int]:
-    """Tokens of each prompt including <|startoftext|> and <|endoftext|>, truncated as the encoder sees it."""
+def token_ids(model: DiffusionModel, prompt: str) -> list[int]:
+    """A prompt's token ids with <|startoftext|> and <|endoftext|>, unpadded, truncated as the encoder sees it."""
     tok = model.pipe.tokenizer
-    return [len(tok(p, truncation=True, max_length=tok.model_max_length).input_ids) for p in prompts]
+    return tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+
+
+def token_counts(model: DiffusionModel, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt including <|startoftext|> and <|endoftext|>."""
+    return [len(token_ids(model, p)) for p in prompts]
 
 
 @torch.no_grad()
@@ -40,9 +45,8 @@ def embeddings(model: DiffusionModel, prompts: list[str]) -> torch.Tensor:
 
 def word_positions(model: DiffusionModel, prompt: str, word: str) -> list[int]:
     """Token positions (with <|startoftext|> at 0) of `word`'s sub-word tokens inside `prompt`; [] if absent."""
-    tok = model.pipe.tokenizer
-    ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
-    span = tok(word, add_special_tokens=False).input_ids
+    ids = token_ids(model, prompt)
+    span = model.pipe.tokenizer(word, add_special_tokens=False).input_ids
     for start in range(1, len(ids) - len(span) + 1):
         if span and ids[start : start + len(span)] == span:
             return list(range(start, start + len(span)))

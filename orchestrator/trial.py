@@ -91,7 +91,7 @@ def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
         _WARM.clear()  # one experiment per worker at a time; don't hold several models
         model = load_model(spec.model.name, spec.model.config, device=spec.model.device, dtype=spec.model.dtype)
         detector = load_detector(spec.evaluate.detector.name, spec.evaluate.detector.config, model.device)
-        base = evaluate(model, detector, _concepts(spec), configs["evaluate"])
+        base = evaluate(model, detector, _concepts(spec), configs["evaluate"], embed=True)  # embed: data closeness
         _WARM[key] = Warm(model, detector, base)
     return _WARM[key]
 

@@ -35,12 +35,12 @@ def test_closed_form_refinement_is_the_least_squares_map(tiny_sd, tiny_sdxl, fam
     mace.closed_form_refinement(model, concepts, cfg, projections, cache)
     prompt = concepts[0].prompts[0]
     mapped = mace.mapped_prompt(prompt, concepts[0].name, cfg.mapping)
-    o, n = mace.matching_positions(mace._ids(model, prompt), mace._ids(model, mapped), 77)
+    o, n = mace.matching_positions(xattn.token_ids(model, prompt), xattn.token_ids(model, mapped), 77)
     c, c_new = xattn.embeddings(model, [prompt])[0, o], xattn.embeddings(model, [mapped])[0, n]
     cs, cns = [], []
     for p in concepts[0].prompts:
         q = mace.mapped_prompt(p, concepts[0].name, cfg.mapping)
-        oo, nn = mace.matching_positions(mace._ids(model, p), mace._ids(model, q), 77)
+        oo, nn = mace.matching_positions(xattn.token_ids(model, p), xattn.token_ids(model, q), 77)
         cs.append(xattn.embeddings(model, [p])[0, oo])
         cns.append(xattn.embeddings(model, [q])[0, nn])
     C, V_in = torch.cat(cs), torch.cat(cns)
