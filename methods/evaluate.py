@@ -233,3 +233,74 @@ def save_grid(rows: list[tuple[str, list[torch.Tensor]]], columns: list[str], pa
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
+
+
+# -- persistence (the erase cache stores the erased model's evaluation next to its weights) ------------
+def save_evaluation(ev: Evaluation, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation.json").write_text(json.dumps({"presence": ev.presence}))
+    tensors = {f"sample.{k}": v.contiguous() for k, v in ev.samples.items()}
+    tensors |= {f"embedding.{k}": v.contiguous() for k, v in ev.embeddings.items()}
+    save_file(tensors, str(folder / "evaluation.safetensors"))
+
+
+def load_evaluation(folder: Path) -> Evaluation:
+    from safetensors.torch import load_file
+
+    presence = json.loads((folder / "evaluation.json").read_text())["presence"]
+    tensors = load_file(str(folder / "evaluation.safetensors"))
+    pick = lambda prefix: {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    return Evaluation(presence, pick("sample."), pick("embedding."))
+
+
+# -- the cheap resurgence signal ------------------------------------------------------------------------
+class ProxyConfig(BaseModel):
+    """The denoising probe: the diffusion loss on the base model's own images of the erased concept, on
+    fixed noise and timesteps (common random numbers: every trial and every rung sees the same draws)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    images_per_prompt: int = Field(1, ge=1)  # base-model images per concept prompt (drawn once per worker)
+    repeats: int = Field(4, ge=1)  # fixed (noise, timestep) draws per image; more = smoother signal
+    seed: int = 1000  # seeds of the probe's images and noise (apart from the evaluation's)
+
+
+@dataclass(frozen=True)
+class Probe:
+    latents: torch.Tensor  # (N, C, h, w): the base model's images of the concept, as latents
+    prompts: list[str]  # (N,) the prompt of each
+    cfg: ProxyConfig
+
+
+@torch.no_grad()
+def make_probe(base: DiffusionModel, prompts: list[str], cfg: ProxyConfig, eval_cfg: EvalConfig) -> Probe:
+    jobs = [(p, cfg.seed + i) for p in prompts for i in range(cfg.images_per_prompt)]
+    pixels = base.generate(
+        [p for p, _ in jobs], [s for _, s in jobs], steps=eval_cfg.steps, guidance_scale=eval_cfg.guidance_scale
+    )  # (N, 3, H, W) in [0, 1]
+    latents = base.latents_of(pixels * 2 - 1, torch.Generator("cpu").manual_seed(cfg.seed))
+    return Probe(latents, [p for p, _ in jobs], cfg)
+
+
+@torch.no_grad()
+def probe_loss(model: DiffusionModel, probe: Probe) -> float:
+    """Mean denoising loss of `model` on the probe; lower = the model draws the concept more like the base."""
+    cond = model.encode(probe.prompts)
+    latents = probe.latents.to(model.device)
+    total = 0.0
+    for r in range(probe.cfg.repeats):
+        gen = torch.Generator("cpu").manual_seed(probe.cfg.seed + r)  # the same draws for every model
+        with model.autocast():
+            total += float(model.denoising_loss(latents, cond, gen))
+    return total / probe.cfg.repeats
+
+
+def proxy_resurgence(loss_now: float, loss_erased: float, loss_base: float) -> float:
+    """How far the probe loss has come back from the erased model's towards the base model's:
+    0 right after erasure, 1 when the concept is denoised as well as before erasure (can exceed both)."""
+    gap = loss_erased - loss_base
+    if abs(gap) < 1e-12:
+        return 0.0
+    return (loss_erased - loss_now) / gap

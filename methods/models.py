@@ -510,3 +510,39 @@ def load_model(
     model = entry.obj(cfg, dev, resolve_dtype(dtype, dev))
     model.requires_grad_(False)  # methods switch on exactly what they train
     return model
+
+
+# -- persistence of an edited model: only what changed ----------------------------------------------
+DELTA_FILE = "weights.safetensors"
+
+
+@torch.no_grad()
+def save_changed(model: DiffusionModel, base: DiffusionModel, folder: Path) -> list[str]:
+    """Save the parameters of `model` that differ from `base` (an erased model is mostly its base: UCE and
+    ESD-x touch a few percent of the UNet) as safetensors under `folder`; returns their names."""
+    from safetensors.torch import save_file
+
+    ref = base.named_parameters()
+    changed = {
+        name: p.detach().to("cpu").contiguous()
+        for name, p in model.named_parameters().items()
+        if name not in ref or ref[name].shape != p.shape or not torch.equal(ref[name], p)
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(changed, str(folder / DELTA_FILE))
+    return sorted(changed)
+
+
+@torch.no_grad()
+def load_changed(model: DiffusionModel, folder: Path) -> list[str]:
+    """Overwrite `model`'s parameters (a fresh copy of the base) with those `save_changed` wrote."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / DELTA_FILE))
+    params = model.named_parameters()
+    unknown = [n for n in saved if n not in params or params[n].shape != saved[n].shape]
+    if unknown:
+        raise ValueError(f"{folder / DELTA_FILE}: {len(unknown)} tensors do not fit this model (e.g. {unknown[0]})")
+    for name, value in saved.items():
+        params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return sorted(saved)

@@ -23,8 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, parse_spec
 
 EXIT_BAD_INPUT = 2
@@ -116,29 +114,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
     import ray
 
-    from orchestrator.search import build_tuner
-    from orchestrator.tracking import MlflowTrials, Tracker, flatten, git_sha, version_tags
+    from orchestrator.cache import start_lease_actor
+    from orchestrator.sweep import open_parent, rank, run_attack, run_defense
+    from orchestrator.tracking import git_sha, version_tags
 
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
-
-    def open_sweep() -> tuple[Tracker, str]:
-        """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds)."""
-        tracker = Tracker(uri, spec.name)
-        sweep_tags = {
-            **tags,
-            "stage": "sweep",
-            "method": spec.erase.method,
-            "concept": spec.concept.name,
-            "model": spec.model.name,
-        }
-        parent = tracker.start_run(run_name, sweep_tags)
-        tracker.log(parent, params=flatten({"search": data.get("search", {}), "spec": os.path.basename(args.spec)}))
-        spec_copy = Path(spec.storage_path) / run_name / "experiment.yaml"
-        spec_copy.parent.mkdir(parents=True, exist_ok=True)
-        spec_copy.write_text(yaml.safe_dump(data, sort_keys=False))
-        tracker.artifact(parent, spec_copy)
-        return tracker, parent
+    stage = "defense" if spec.defender is not None else "sweep"
 
     if args.address:
         check_address(args.address)  # a wrong address is bad input: fail before any MLflow run exists
@@ -151,49 +133,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.address:
             raise  # a local Ray that fails to start is not a user-input error
         raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
+    res = ray.cluster_resources()
+    print(f"Ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; sweep {run_name}", flush=True)
+    lease = f"erase-leases-{run_name}"
+    lease_actor = start_lease_actor(lease)  # one producer per erased model, across the whole sweep
     # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
-    # which import torch and diffusers in their own processes; the callback waits for it on first use.
+    # which import torch and diffusers in their own processes; the callbacks wait for it on first use.
     pool = ThreadPoolExecutor(max_workers=1)
-    opening = pool.submit(open_sweep)
+    opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, args.spec)
     pool.shutdown(wait=False)
     status = "FAILED"
     try:
-        callback = MlflowTrials(opening.result, data, tags)
-        tuner = build_tuner(spec, data, run_name=run_name, storage_path=spec.storage_path, callbacks=[callback])
-        results = tuner.fit()
+        run = run_defense if spec.defender is not None else run_attack
+        rows = rank(run(spec, data, opening, run_name, tags, lease), spec)
         tracker, parent = opening.result()
-        rows = summarize(results, spec)
         ok = [r for r in rows if not r["error"]]
-        best = ok[0] if ok else None
-        tracker.log(
-            parent,
-            metrics=[("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
-            + ([(f"best_{spec.search.metric}", best[spec.search.metric], 0)] if best else []),
-        )
         print_table(rows, spec)
-        print(f"\nMLflow: {len(rows)} child runs under parent run {parent} (experiment {spec.name!r})")
+        print(f"\nMLflow: {len(rows)} trial runs under parent run {parent} (experiment {spec.name!r})")
         print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
+        print(f"  report:            resurgence report {spec.name} --tracking-uri {uri}")
         status = "FINISHED" if ok else "FAILED"
         return 0 if ok else 1
     finally:
+        del lease_actor
         if opening.exception() is None:
             tracker, parent = opening.result()
             tracker.end(parent, status)
-
-
-def summarize(results: Any, spec: ExperimentSpec) -> list[dict[str, Any]]:
-    rows = []
-    for r in results:
-        m = r.metrics or {}
-        row = {"trial": m.get("trial_id", "?"), "error": r.error is not None, "config": r.config or {}}
-        for key in ("resurgence", "presence", "presence_erased", "presence_base", "retention", "ft_step"):
-            row[key] = m.get(key, float("nan"))
-        rows.append(row)
-    sign = -1 if spec.search.mode == "max" else 1
-    metric = spec.search.metric
-    # errors last, then trials without the metric, then best first
-    rows.sort(key=lambda r: (r["error"], not _finite(r[metric]), sign * r[metric] if _finite(r[metric]) else 0.0))
-    return rows
+            tracker.close()
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:
@@ -222,7 +188,7 @@ def _finite(x: Any) -> bool:
 
 
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
-    keys = sorted({k for r in rows for k in r["config"]})
+    keys = sorted({k for r in rows for k in r["config"] if not k.startswith("_")})
     head = [
         "rank",
         "trial",

@@ -1,14 +1,28 @@
-"""The search: an experiment spec becomes a Ray Tune `Tuner` driven by Optuna's seeded TPE sampler.
+"""The search: an experiment spec becomes waves of Ray Tune runs driven by persistent Optuna studies.
 
-The search space maps dotted spec paths to Tune domains; `OptunaSearch` turns them into Optuna
-distributions. ASHA, when configured, stops unpromising fine-tunes early on the metric's curve over
-`ft_step` (the fine-tuning step), so a trial's budget is its number of fine-tuning steps.
+- **Dimensions** map dotted spec paths to distributions. `grid` dimensions (methods, concepts, models,
+  ...) split the sweep into *cells*, one per combination; every cell gets its own Optuna study over the
+  other dimensions, `search.num_samples` trials each, so one method's results never steer another's.
+  `CellSearch` is the Tune searcher that hands out the cells' suggestions round-robin.
+- **Waves**: Tune keeps every trial of a run in the driver's memory, so a long sweep runs as a sequence of
+  Tuner runs (`search.wave_size` trials each). Each cell's study lives in an Optuna journal file under
+  the sweep's folder and is loaded again by the next wave, so the search continues where it was.
+- **Early stopping**: ASHA stops unpromising fine-tunes on the scheduler's metric over `ft_step` (the
+  fine-tuning step), which can be the cheap `resurgence_proxy` while the searcher learns from the full
+  `resurgence` at the end of each trial.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from ray.tune import Callback
+from ray.tune.search import Searcher
 
 from orchestrator.spec import Dimension, ExperimentSpec, max_finetune_steps
 
@@ -26,49 +40,233 @@ def tune_domain(dim: Dimension) -> Any:
     return tune.choice(list(dim.choice or []))
 
 
-def build_tuner(
-    spec: ExperimentSpec, spec_data: dict[str, Any], *, run_name: str, storage_path: str, callbacks: list[Any]
-) -> Any:
+def grid_cells(space: dict[str, Dimension]) -> list[dict[str, Any]]:
+    """Every combination of the grid dimensions' values ([{}] without grid dimensions)."""
+    grid = {path: dim.grid for path, dim in space.items() if dim.grid is not None}
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def sampled_space(space: dict[str, Dimension]) -> dict[str, Dimension]:
+    return {path: dim for path, dim in space.items() if dim.grid is None}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One independent search of the sweep: fixed values and the study that samples the rest."""
+
+    fixed: dict[str, Any]  # dotted path -> value (grid values; a defender candidate's settings; "_" keys)
+    study: str  # Optuna study name
+    seed: int  # the sampler's seed
+
+
+def make_sampler(algorithm: str, seed: int) -> Any:
     import optuna
+
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def study_storage(path: Path) -> Any:
+    """A persistent Optuna storage that several Tuner runs (waves) load in turn: a journal file."""
+    import optuna
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+class CellSearch(Searcher):
+    """A Tune searcher over several cells: trial i of the wave goes to cell `order[i]`, and its sampled
+    values come from that cell's OptunaSearch (loaded from the persistent study). Results reach the cell
+    that suggested the trial; intermediate results without the metric (rungs that saw only the proxy)
+    are not passed on."""
+
+    def __init__(
+        self,
+        cells: list[Cell],
+        order: list[int],
+        space: dict[str, Dimension],
+        *,
+        metric: str,
+        mode: str,
+        algorithm: str,
+        storage: Any,
+    ) -> None:
+        from ray.tune.search.optuna import OptunaSearch
+
+        super().__init__()  # no metric of its own: Tune then does not require it in every result
+        self.cells = cells
+        self.order = list(order)
+        self.search_metric = metric
+        self.subs: dict[int, Any] = {}
+        if space:
+            converted = OptunaSearch.convert_search_space({p: tune_domain(d) for p, d in space.items()})
+            for i in sorted(set(order)):
+                self.subs[i] = OptunaSearch(
+                    space=converted,
+                    metric=metric,
+                    mode=mode,
+                    sampler=make_sampler(algorithm, cells[i].seed),
+                    study_name=cells[i].study,
+                    storage=storage,
+                )
+        self.next = 0
+        self.trial_cell: dict[str, int] = {}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # the cells carry their own metric, mode and space
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.next >= len(self.order):
+            return Searcher.FINISHED
+        i = self.order[self.next]
+        self.next += 1
+        self.trial_cell[trial_id] = i
+        sampled = self.subs[i].suggest(trial_id) if i in self.subs else {}
+        return {**self.cells[i].fixed, **(sampled or {})}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        i = self.trial_cell.get(trial_id)
+        if i in self.subs and self.search_metric in result:
+            self.subs[i].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        i = self.trial_cell.get(trial_id)
+        if i in self.subs:
+            self.subs[i].on_trial_complete(trial_id, result, error)
+
+
+def wave_orders(n_cells: int, per_cell: int, wave_size: int | None) -> list[list[int]]:
+    """The cell of every trial, wave by wave: round-robin over the cells, `per_cell` trials each."""
+    order = [k % n_cells for k in range(n_cells * per_cell)]
+    size = wave_size or len(order)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def build_tuner(
+    spec: ExperimentSpec,
+    spec_data: dict[str, Any],
+    *,
+    cells: list[Cell],
+    order: list[int],
+    run_name: str,
+    storage_path: str,
+    study_path: Path,
+    callbacks: list[Any],
+    lease_actor: str | None,
+) -> Any:
+    """One wave: a Tuner running the trials `order` assigns to `cells`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.trial import tune_trainable
 
     s = spec.search
-    space = {path: tune_domain(dim) for path, dim in s.space.items()}
-    searcher = None
-    if space:  # Optuna has nothing to propose without a space; Tune then repeats the fixed trial
-        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=s.seed))
+    searcher = CellSearch(
+        cells,
+        order,
+        sampled_space(s.space),
+        metric=s.metric,
+        mode=s.mode,
+        algorithm=s.algorithm,
+        storage=study_storage(study_path),
+    )
     scheduler = None
     if s.scheduler is not None:
         scheduler = ASHAScheduler(
             time_attr="ft_step",
+            metric=s.scheduler.metric or s.metric,
+            mode=s.mode,
             max_t=max_finetune_steps(spec),
             grace_period=s.scheduler.grace_period or spec.finetune.eval_every,
             reduction_factor=s.scheduler.reduction_factor,
         )
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, spec_data=spec_data),
+        tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     return tune.Tuner(
         trainable,
-        param_space=space,
         tune_config=tune.TuneConfig(
-            metric=s.metric,
-            mode=s.mode,
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=s.num_samples,
+            num_samples=len(order),
             max_concurrent_trials=s.max_concurrent_trials,
             reuse_actors=True,  # warm workers keep torch, the base model and the detector loaded
         ),
         run_config=tune.RunConfig(
             name=run_name,
-            storage_path=os.path.abspath(storage_path),
+            storage_path=storage_path if "://" in storage_path else os.path.abspath(storage_path),
             callbacks=callbacks,
-            verbose=1,
+            verbose=0,  # the Progress callback prints one readable line instead of Tune's tables
         ),
     )
+
+
+Row = dict[str, Any]
+KEPT = ("resurgence", "presence", "presence_erased", "presence_base", "retention", "retention_erased")
+KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "erase_seconds")
+
+
+class TrialRows(Callback):
+    """Keeps one small row per trial on the driver (final metrics, the peak of its resurgence curve, its
+    cell's fixed values), so results outlive the wave's Tuner and need no result files read back."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        row = self.rows.setdefault(
+            trial.trial_id,
+            {"trial": trial.trial_id, "error": False, "config": dict(trial.config), "peak_resurgence": float("nan")},
+        )
+        row.update({k: result[k] for k in KEPT if k in result})
+        r = result.get("resurgence")
+        if isinstance(r, int | float) and not r <= row["peak_resurgence"]:  # nan-safe max
+            row["peak_resurgence"] = float(r)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id, "config": dict(trial.config)})["error"] = True
+
+    def take(self) -> list[Row]:
+        rows = [{**{k: float("nan") for k in KEPT}, "peak_resurgence": float("nan"), **r} for r in self.rows.values()]
+        self.rows = {}
+        return rows
+
+
+def run_waves(
+    spec: ExperimentSpec,
+    spec_data: dict[str, Any],
+    *,
+    cells: list[Cell],
+    per_cell: int,
+    run_name: str,
+    study_path: Path,
+    callbacks: list[Any],
+    lease_actor: str | None,
+    on_wave: Callable[[int, list[Row]], None] | None = None,
+) -> list[Row]:
+    """Run every cell's trials as waves of Tuner runs; returns one small row per trial."""
+    rows: list[Row] = []
+    collector = TrialRows()
+    orders = wave_orders(len(cells), per_cell, spec.search.wave_size)
+    for w, order in enumerate(orders):
+        name = run_name if len(orders) == 1 else f"{run_name}-wave{w:03d}"
+        tuner = build_tuner(
+            spec,
+            spec_data,
+            cells=cells,
+            order=order,
+            run_name=name,
+            storage_path=spec.storage_path,
+            study_path=study_path,
+            callbacks=[collector, *callbacks],
+            lease_actor=lease_actor,
+        )
+        tuner.fit()
+        del tuner  # the wave's trials leave the driver's memory with it
+        wave_rows = collector.take()
+        rows += wave_rows
+        if on_wave is not None:
+            on_wave(w, wave_rows)
+    return rows

@@ -85,6 +85,12 @@ class FinetuneSpec(_Strict):
 class EvaluateSpec(_Strict):
     detector: ComponentSpec = ComponentSpec(name="clip")  # decides which concept an image shows
     config: dict[str, Any] = Field(default_factory=dict)  # methods.evaluate.EvalConfig
+    # The cheap signal (methods.evaluate.ProxyConfig): with it, every report carries `resurgence_proxy`,
+    # the denoising loss on the concept's images relative to the base and erased models (fixed noise).
+    proxy: dict[str, Any] | None = None
+    # When the full evaluation (generate + classify: the dominant cost on real models) runs:
+    # "every" eval_every steps, or only at the "end" of each fine-tuning round (rungs then see the proxy).
+    full: Literal["every", "end"] = "every"
 
 
 class Dimension(_Strict):
@@ -93,18 +99,20 @@ class Dimension(_Strict):
     loguniform: tuple[float, float] | None = None  # [low, high], sampled on a log scale
     uniform: tuple[float, float] | None = None  # [low, high]
     randint: tuple[int, int] | None = None  # [low, high], both included
-    choice: list[Any] | None = None  # categorical
+    choice: list[Any] | None = None  # categorical, searched by the sampler
+    grid: list[Any] | None = None  # every value gets its own search (methods, concepts, models, ...)
 
     @model_validator(mode="after")
     def _one(self) -> Dimension:
-        set_keys = [k for k in ("loguniform", "uniform", "randint", "choice") if getattr(self, k) is not None]
+        kinds = ("loguniform", "uniform", "randint", "choice", "grid")
+        set_keys = [k for k in kinds if getattr(self, k) is not None]
         if len(set_keys) != 1:
-            raise ValueError("give exactly one of loguniform, uniform, randint, choice")
+            raise ValueError("give exactly one of loguniform, uniform, randint, choice, grid")
         kind = set_keys[0]
         value = getattr(self, kind)
-        if kind == "choice" and not value:
-            raise ValueError("choice needs at least one option")
-        if kind != "choice" and not value[0] < value[1]:
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind} needs at least one option")
+        if kind not in ("choice", "grid") and not value[0] < value[1]:
             raise ValueError(f"{kind} needs low < high, got {list(value)}")
         if kind == "loguniform" and value[0] <= 0:
             raise ValueError("loguniform needs low > 0")
@@ -112,14 +120,15 @@ class Dimension(_Strict):
 
     def extremes(self) -> list[Any]:
         """The values whose validity implies every sampled value's (bounds of ranges, every choice)."""
-        if self.choice is not None:
-            return list(self.choice)
+        if self.choice is not None or self.grid is not None:
+            return list(self.choice if self.choice is not None else self.grid)  # type: ignore[arg-type]
         low, high = self.loguniform or self.uniform or self.randint  # type: ignore[misc]
         return [low, high]
 
 
 class SchedulerSpec(_Strict):
     name: Literal["asha"] = "asha"  # early stopping of unpromising fine-tunes on the metric's curve
+    metric: Literal["resurgence", "resurgence_proxy", "presence", "retention"] | None = None  # null: search.metric
     grace_period: int | None = Field(None, ge=1)  # fine-tune steps before a trial may stop; null: eval_every
     reduction_factor: float = Field(2.0, gt=1)  # ASHA keeps 1/reduction_factor of trials at each rung
 
@@ -127,11 +136,29 @@ class SchedulerSpec(_Strict):
 class SearchSpec(_Strict):
     metric: Literal["resurgence", "presence", "retention"] = "resurgence"
     mode: Literal["max", "min"] = "max"  # the attacker maximizes resurgence
-    num_samples: int = Field(8, ge=1)  # trials
-    seed: int = 0  # seeds Optuna's TPE sampler
+    num_samples: int = Field(8, ge=1)  # trials per grid cell (the whole sweep without grid dimensions)
+    seed: int = 0  # seeds the sampler
+    algorithm: Literal["tpe", "random"] = "tpe"  # Optuna's TPE, or random search (a baseline)
     space: dict[str, Dimension] = Field(default_factory=dict)  # dotted spec path -> distribution
     scheduler: SchedulerSpec | None = None
     max_concurrent_trials: int | None = Field(None, ge=1)  # null: as many as resources allow
+    # Trials per Tuner run: a long sweep runs as waves of Tuner runs that continue one persistent Optuna
+    # study, so the driver's memory stays bounded (Tune keeps every finished trial of a run). null: one run.
+    wave_size: int | None = Field(None, ge=1)
+
+
+class DefenderSpec(_Strict):
+    """The outer search: meta-unlearning (or any erasure) settings that keep the concept erased against the
+    strongest fine-tuning an attacker search (`search:`, its budget per candidate) finds."""
+
+    space: dict[str, Dimension] = Field(min_length=1)  # dotted spec paths (erase.config...) -> distribution
+    objective: Literal["worst_case", "pareto"] = "worst_case"
+    # worst_case: minimize the worst resurgence subject to retention >= retention_floor (TPE with a
+    # constraint); pareto: worst resurgence (min) against retention (max) with NSGA-II.
+    retention_floor: float = Field(0.0, ge=0, le=1)  # retention after erasure a candidate must keep
+    candidates: int = Field(4, ge=1)  # defender candidates in all
+    per_wave: int = Field(2, ge=1)  # candidates attacked at the same time (one Tuner run per wave)
+    seed: int = 0  # seeds the defender's sampler
 
 
 class ResourcesSpec(_Strict):
@@ -149,6 +176,7 @@ class ExperimentSpec(_Strict):
     finetune: FinetuneSpec
     evaluate: EvaluateSpec = EvaluateSpec()
     search: SearchSpec = SearchSpec()
+    defender: DefenderSpec | None = None  # present: run the defender search around the attacker search
     resources: ResourcesSpec = ResourcesSpec()
     storage_path: str = "ray_results"  # Tune's results (a shared path on multi-node clusters)
     cache_dir: str = ".resurgence_cache"  # generated datasets
@@ -159,6 +187,19 @@ class ExperimentSpec(_Strict):
         names = [self.concept.name] + [c.name for c in self.others]
         if len(set(names)) != len(names):
             raise ValueError("others: concept names must be distinct from each other and from concept.name")
+        scheduler = self.search.scheduler
+        metric = scheduler.metric if scheduler and scheduler.metric else self.search.metric
+        if metric == "resurgence_proxy" and self.evaluate.proxy is None:
+            raise ValueError("search.scheduler.metric: resurgence_proxy needs evaluate.proxy (the probe's settings)")
+        if scheduler and self.evaluate.full == "end" and metric != "resurgence_proxy":
+            raise ValueError(
+                "evaluate.full: with `end`, early-stopping rungs see only the proxy: set "
+                "search.scheduler.metric to resurgence_proxy"
+            )
+        if self.defender is not None:
+            clash = set(self.defender.space) & set(self.search.space)
+            if clash:
+                raise ValueError(f"defender.space: {sorted(clash)[0]} is searched by the attacker too")
         return self
 
 
@@ -253,6 +294,13 @@ def check_components(spec: ExperimentSpec) -> dict[str, Any]:
             pretrained_family(configs["model"])
         except (FileNotFoundError, ValueError) as err:
             raise SpecError(f"model.config.path: {err}") from None
+    if spec.evaluate.proxy is not None:
+        from methods.evaluate import ProxyConfig
+
+        try:
+            configs["proxy"] = ProxyConfig.model_validate(spec.evaluate.proxy)
+        except ValidationError as err:
+            raise SpecError(_format(err, prefix="evaluate.proxy")) from None
     if spec.model.device not in ("auto", "cpu") and not spec.model.device.startswith("cuda"):
         raise SpecError(f"model.device: expected auto, cpu or cuda[:N] (got {spec.model.device!r})")
     return configs
@@ -290,24 +338,34 @@ def check_space(spec: ExperimentSpec) -> None:
     """Every search path must name a spec field, and every value it can take must validate there."""
     base = spec.model_dump(mode="python")
     for path, dim in spec.search.space.items():
-        if path.split(".")[0] in ("search", "resources", "storage_path", "cache_dir", "smoke", "name"):
+        if path.split(".")[0] in ("search", "defender", "resources", "storage_path", "cache_dir", "smoke", "name"):
             raise SpecError(f"search.space.{path}: only trial settings can be searched, not {path.split('.')[0]}")
-        for value in dim.extremes():
-            try:
-                candidate = ExperimentSpec.model_validate(set_path(base, path, value))
-                check_components(candidate)
-            except ValidationError as err:
-                raise SpecError(f"search.space.{path}: value {value!r} is invalid: {_format(err)}") from None
-            except SpecError as err:
-                raise SpecError(f"search.space.{path}: value {value!r} is invalid: {err}") from None
+        _check_values(base, f"search.space.{path}", path, dim)
+    if spec.defender is not None:
+        for path, dim in spec.defender.space.items():
+            if not path.startswith("erase."):
+                raise SpecError(f"defender.space.{path}: the defender chooses erasure settings (erase.*) only")
+            _check_values(base, f"defender.space.{path}", path, dim)
+
+
+def _check_values(base: dict[str, Any], field: str, path: str, dim: Dimension) -> None:
+    for value in dim.extremes():
+        try:
+            candidate = ExperimentSpec.model_validate(set_path(base, path, value))
+            check_components(candidate)
+        except ValidationError as err:
+            raise SpecError(f"{field}: value {value!r} is invalid: {_format(err)}") from None
+        except SpecError as err:
+            raise SpecError(f"{field}: value {value!r} is invalid: {err}") from None
 
 
 def trial_spec(spec_data: dict[str, Any], overrides: dict[str, Any]) -> ExperimentSpec:
     """The resolved spec of one trial: the experiment with the trial's sampled values applied. Only its
     structure is checked here: the whole experiment was validated before the sweep, and every caller
     validates the components next (`check_components`, `resolved_config`)."""
+    values = {k: v for k, v in overrides.items() if not k.startswith("_")}  # "_..." keys: the sweep's bookkeeping
     try:
-        return ExperimentSpec.model_validate(apply_overrides(spec_data, overrides))
+        return ExperimentSpec.model_validate(apply_overrides(spec_data, values))
     except ValidationError as err:
         raise SpecError(_format(err)) from None
 
@@ -316,7 +374,7 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
     """The spec of one trial with every component config filled in with its defaults (what MLflow logs
     as params and what reproduces the trial)."""
     configs = check_components(spec)
-    out = spec.model_dump(mode="json", exclude={"search", "smoke"})
+    out = spec.model_dump(mode="json", exclude={"search", "smoke", "defender"})
     out["model"]["config"] = configs["model"].model_dump(mode="json") if configs["model"] else {}
     out["erase"]["config"] = configs["erase"].model_dump(mode="json") if configs["erase"] else {}
     for choice, typed in configs["datasets"].items():
@@ -325,6 +383,8 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
     out["finetune"]["config"] = configs["finetune"].model_dump(mode="json")
     out["evaluate"]["detector"]["config"] = configs["detector"].model_dump(mode="json") if configs["detector"] else {}
     out["evaluate"]["config"] = configs["evaluate"].model_dump(mode="json")
+    if "proxy" in configs:
+        out["evaluate"]["proxy"] = configs["proxy"].model_dump(mode="json")
     return out
 
 

@@ -8,10 +8,14 @@ metric key and no parent run, which is why this module exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import queue
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -22,7 +26,7 @@ from urllib.parse import urlparse
 from ray.tune import Callback
 
 from orchestrator.spec import SpecError, resolved_config, trial_spec
-from orchestrator.trial import CURVE_METRICS, ONCE_METRICS
+from orchestrator.trial import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value, in characters
 PARAMS_PER_BATCH = 100  # MlflowClient.log_batch limits
@@ -90,57 +94,142 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """Thin batched wrapper over MlflowClient for one experiment."""
+    """Batched MLflow writes for one experiment. Runs are created synchronously (their ids are needed at
+    once); every other write goes to a background thread that merges what has queued up into one
+    `log_batch` per run, so the driver never waits on the store (`flush()` waits for it)."""
 
     def __init__(self, tracking_uri: str, experiment: str) -> None:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.write_seconds = 0.0  # time spent inside MLflow calls (the benchmark reports it)
+        self.calls = 0
+        with self._timed():
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self._queue: queue.Queue[tuple[str, str, Any] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
+        self._writer.start()
+        self.errors: list[str] = []
+
+    @contextlib.contextmanager
+    def _timed(self) -> Any:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.write_seconds += time.perf_counter() - start
+            self.calls += 1
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         tags = {**tags, "mlflow.runName": name}
         if parent:
             tags["mlflow.parentRunId"] = parent
-        return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        with self._timed():
+            return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
 
     def log(
         self, run_id: str, params: dict[str, str] | None = None, metrics: list[tuple[str, float, int]] | None = None
     ) -> None:
-        from mlflow.entities import Metric, Param
-
         now = int(time.time() * 1000)
-        params_list = [Param(k, v) for k, v in (params or {}).items()]
-        metric_list = [
-            Metric(k, float(v), now, int(step))
-            for k, v, step in (metrics or [])
-            if isinstance(v, int | float) and math.isfinite(v)
-        ]
-        for i in range(0, len(params_list), PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=params_list[i : i + PARAMS_PER_BATCH])
-        for i in range(0, len(metric_list), METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=metric_list[i : i + METRICS_PER_BATCH])
+        clean = [(k, float(v), now, int(step)) for k, v, step in (metrics or []) if _finite(v)]
+        self._queue.put(("log", run_id, (dict(params or {}), clean)))
 
-    def artifact(self, run_id: str, path: str | os.PathLike[str]) -> None:
-        self.client.log_artifact(run_id, os.fspath(path))
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self._queue.put(("tags", run_id, dict(tags)))
+
+    def artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", run_id, (os.fspath(path), artifact_path)))
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+        self._queue.put(("end", run_id, status))
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._writer.join()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            batch = [item]
+            while len(batch) < 2000:  # whatever else is waiting goes in the same round of writes
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    self._queue.task_done()
+                    break
+                batch.append(more)
+            try:
+                self._write(batch)
+            except Exception as err:  # a store error must not kill the writer (or the sweep)
+                self.errors.append(f"{type(err).__name__}: {err}")
+                print(f"resurgence: MLflow write failed: {self.errors[-1]}", flush=True)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _write(self, batch: list[tuple[str, str, Any]]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        params: dict[str, dict[str, str]] = {}
+        metrics: dict[str, list[Metric]] = {}
+        for kind, run_id, payload in batch:  # logs first, merged per run; then tags, artifacts, ends in order
+            if kind == "log":
+                params.setdefault(run_id, {}).update(payload[0])
+                metrics.setdefault(run_id, []).extend(Metric(k, v, ts, st) for k, v, ts, st in payload[1])
+        with self._timed():
+            for run_id in dict.fromkeys([*params, *metrics]):
+                plist = [Param(k, v) for k, v in params.get(run_id, {}).items()]
+                mlist = metrics.get(run_id, [])
+                for i in range(0, len(plist), PARAMS_PER_BATCH):
+                    self.client.log_batch(run_id, params=plist[i : i + PARAMS_PER_BATCH])
+                for i in range(0, len(mlist), METRICS_PER_BATCH):
+                    self.client.log_batch(run_id, metrics=mlist[i : i + METRICS_PER_BATCH])
+            for kind, run_id, payload in batch:
+                if kind == "tags":
+                    self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload.items()])
+                elif kind == "artifact":
+                    self.client.log_artifact(run_id, payload[0], payload[1])
+                elif kind == "end":
+                    self.client.set_terminated(run_id, payload)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
 
 
 class MlflowTrials(Callback):
-    """A Ray Tune callback that mirrors every trial into a child run of the sweep's parent run.
-    `sweep()` gives the tracker and the parent run id; it may block until MLflow is set up."""
+    """A Ray Tune callback that mirrors every trial into a child run of the sweep's parent run (or of its
+    defender candidate's run). `sweep()` gives the tracker and the parent run id; it may block until MLflow
+    is set up. Per-trial state is dropped when the trial ends, so memory stays bounded over waves."""
 
-    def __init__(self, sweep: Callable[[], tuple[Tracker, str]], spec_data: dict[str, Any], tags: dict[str, str]):
+    def __init__(
+        self,
+        sweep: Callable[[], tuple[Tracker, str]],
+        spec_data: dict[str, Any],
+        tags: dict[str, str],
+        parents: dict[Any, str] | None = None,
+    ):
         self.sweep = sweep
         self.spec_data = spec_data
         self.tags = tags
+        self.parents = parents if parents is not None else {}  # config "_candidate" value -> its run id
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self.logged_once: set[str] = set()
         self.artifacts: dict[str, str] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+        self.cache_counts: dict[str, int] = {}  # erase cache outcomes: miss / hit / memo
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the MLflow connection (a Future of a
@@ -151,6 +240,7 @@ class MlflowTrials(Callback):
         if trial.trial_id in self.runs:  # a restarted trial keeps its run
             return
         tracker, parent_id = self.sweep()
+        candidate = trial.config.get("_candidate")
         resolved = resolved_config(trial_spec(self.spec_data, trial.config))
         run_tags = {
             **self.tags,
@@ -159,8 +249,11 @@ class MlflowTrials(Callback):
             "concept": resolved["concept"]["name"],
             "model": resolved["model"]["name"],
             "stage": "trial",
+            "searched": json.dumps(sorted(k for k in trial.config if not k.startswith("_"))),
         }
-        run_id = tracker.start_run(f"trial-{trial.trial_id}", run_tags, parent=parent_id)
+        if candidate is not None:
+            run_tags["candidate"] = str(candidate)
+        run_id = tracker.start_run(f"trial-{trial.trial_id}", run_tags, parent=self.parents.get(candidate, parent_id))
         self.runs[trial.trial_id] = run_id
         tracker.log(run_id, params=flatten(resolved))
 
@@ -170,25 +263,102 @@ class MlflowTrials(Callback):
             return
         step = int(result["ft_step"])
         batch = [(k, result[k], step) for k in CURVE_METRICS if k in result]
+        tracker = self.sweep()[0]
         if trial.trial_id not in self.logged_once:
             batch += [(k, result[k], 0) for k in ONCE_METRICS if k in result]
             self.logged_once.add(trial.trial_id)
-        self.sweep()[0].log(run_id, metrics=batch)
+            if "erase_cache" in result:
+                tracker.set_tags(run_id, {"erase_cache": str(result["erase_cache"])})
+                self.cache_counts[result["erase_cache"]] = self.cache_counts.get(result["erase_cache"], 0) + 1
+        tracker.log(run_id, metrics=batch)
+        self.last[trial.trial_id] = {k: result[k] for k in TIMING_METRICS if k in result}
         if "samples_png" in result:
             self.artifacts[trial.trial_id] = result["samples_png"]
 
     def _close(self, trial: Any, status: str) -> None:
-        run_id = self.runs.get(trial.trial_id)
+        run_id = self.runs.pop(trial.trial_id, None)
         if run_id is None:
             return
         tracker = self.sweep()[0]
-        png = self.artifacts.get(trial.trial_id)
+        last = self.last.pop(trial.trial_id, {})
+        tracker.log(run_id, metrics=[(k, v, 0) for k, v in last.items()])
+        png = self.artifacts.pop(trial.trial_id, None)
         if png and Path(png).is_file():
             tracker.artifact(run_id, png)
         tracker.end(run_id, status)
+        self.logged_once.discard(trial.trial_id)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "FAILED")
+
+
+class Progress(Callback):
+    """One readable line every `every_s` seconds (and at the end of each wave): trials done of the whole
+    sweep, running, failed, the best metric so far and an ETA from the pace so far."""
+
+    def __init__(self, total: int, metric: str, mode: str, every_s: float = 30.0, out: Any = None) -> None:
+        self.total = total
+        self.metric = metric
+        self.sign = 1 if mode == "max" else -1
+        self.every_s = every_s
+        self.out = out
+        self.start = time.monotonic()
+        self.last_print = 0.0
+        self.done = 0
+        self.failed = 0
+        self.running: set[str] = set()
+        self.best: tuple[float, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "out": None}
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        finished = self.done + self.failed
+        eta = elapsed / finished * (self.total - finished) if finished else float("nan")
+        best = f"{self.best[0]:.3f} (trial {self.best[1]})" if self.best else "none yet"
+        return (
+            f"[progress] {finished}/{self.total} trials done ({len(self.running)} running, {self.failed} failed)"
+            f" | best {self.metric} {best} | elapsed {_duration(elapsed)} | ETA {_duration(eta)}"
+        )
+
+    def _maybe_print(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_print >= self.every_s:
+            self.last_print = now
+            print(self.line(), file=self.out or sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self._maybe_print()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        v = result.get(self.metric)
+        if _finite(v) and (self.best is None or self.sign * v > self.sign * self.best[0]):
+            self.best = (float(v), trial.trial_id)
+        self._maybe_print()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self.done += 1
+        self._maybe_print(force=self.done + self.failed == self.total)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        self._maybe_print()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._maybe_print(force=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +27,23 @@ from methods.evaluate import (
     Concept,
     Detector,
     Evaluation,
+    Probe,
     data_closeness,
     evaluate,
     load_detector,
+    load_evaluation,
+    make_probe,
+    probe_loss,
+    proxy_resurgence,
+    save_evaluation,
     save_grid,
 )
 from methods.finetune import finetune
-from methods.models import DiffusionModel, load_model, weight_distance
-from orchestrator.spec import ExperimentSpec, check_components, trial_spec
+from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
+from orchestrator.cache import EraseCache, content_key, open_cache
+from orchestrator.spec import ExperimentSpec, check_components, resolved_config, trial_spec
+
+log = logging.getLogger("resurgence.trial")
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -41,7 +51,7 @@ Report = Callable[[dict[str, Any]], None]
 # Covariates (RESEARCH.md section 4): erase_distance = ||theta_erased - theta_base||, ft_distance =
 # ||theta_now - theta_erased|| (effective weights, so LoRA counts), data_closeness = cosine between the mean
 # detector embedding of the fine-tuning images and of the base model's images of the erased concept.
-CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss", "ft_distance")
+CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss", "ft_distance", "resurgence_proxy")
 ONCE_METRICS = (
     "presence_base",
     "presence_erased",
@@ -52,6 +62,7 @@ ONCE_METRICS = (
     "erase_distance",
     "data_closeness",
 )
+TIMING_METRICS = ("trial_seconds",)  # logged with the last result
 
 
 @dataclass
@@ -60,6 +71,8 @@ class Erased:
     seconds: float  # what the erasure cost when it ran
     evaluation: Evaluation
     distance: float  # ||theta_erased - theta_base||
+    probe_loss: float  # the proxy's denoising loss of the erased model (nan without a proxy)
+    cache: str  # where it came from: "miss" (this trial erased), "hit" (the erase cache), "memo" (this worker)
 
 
 @dataclass
@@ -67,7 +80,9 @@ class Warm:
     model: DiffusionModel  # pristine base model: never trained, only copied
     detector: Detector
     base: Evaluation  # evaluation of the base model
-    erased: dict[str, Erased] = field(default_factory=dict)  # the last erasure this worker ran, by its key
+    probe: Probe | None  # the proxy's fixed data, drawn by the base model
+    probe_loss: float  # the base model's loss on it
+    erased: dict[str, Erased] = field(default_factory=dict)  # the last erasure this worker used, by its key
 
 
 _WARM: dict[str, Warm] = {}  # per worker process, keyed by what determines it
@@ -84,7 +99,11 @@ def model_key(spec: ExperimentSpec) -> str:
 
 def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
     key = json.dumps(
-        [spec.model.model_dump(), spec.evaluate.model_dump(), [c.model_dump() for c in (spec.concept, *spec.others)]],
+        [
+            spec.model.model_dump(),
+            spec.evaluate.model_dump(),
+            [c.model_dump() for c in (spec.concept, *spec.others)],
+        ],
         sort_keys=True,
     )
     if key not in _WARM:
@@ -92,24 +111,43 @@ def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
         model = load_model(spec.model.name, spec.model.config, device=spec.model.device, dtype=spec.model.dtype)
         detector = load_detector(spec.evaluate.detector.name, spec.evaluate.detector.config, model.device)
         base = evaluate(model, detector, _concepts(spec), configs["evaluate"], embed=True)  # embed: data closeness
-        _WARM[key] = Warm(model, detector, base)
+        probe, loss = None, float("nan")
+        if "proxy" in configs:
+            probe = make_probe(model, list(spec.concept.prompts), configs["proxy"], configs["evaluate"])
+            loss = probe_loss(model, probe)
+        _WARM[key] = Warm(model, detector, base, probe, loss)
     return _WARM[key]
 
 
-def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> dict[str, Any]:
-    """Run one trial and return its last report."""
-    configs = check_components(spec)
-    warm = warm_state(spec, configs)
-    concepts = _concepts(spec)
-    erased_name = spec.concept.name
+def erase_content(spec: ExperimentSpec, configs: dict[str, Any]) -> dict[str, Any]:
+    """What determines an erased model (the erase cache's address, with the code version)."""
+    return {
+        "model": spec.model.model_dump(mode="json"),
+        "method": spec.erase.method,
+        "config": configs["erase"].model_dump(mode="json") if configs["erase"] else {},
+        "seed": spec.seed,
+        "targets": [spec.concept.model_dump(mode="json")],
+        "preserve": [c.model_dump(mode="json") for c in spec.others],
+    }
 
-    # Stages 1 and 2: erase a copy of the base model and evaluate it; a worker keeps its last erasure, so
-    # trials that differ only in fine-tuning erase once per worker.
-    erase_key = json.dumps([spec.erase.model_dump(), spec.seed, spec.concept.model_dump()], sort_keys=True)
-    cached = erase_key in warm.erased
-    if not cached:
-        warm.erased.clear()  # bounded: one erased model per worker
-        erased_model = copy.deepcopy(warm.model)
+
+def get_erased(spec: ExperimentSpec, configs: dict[str, Any], warm: Warm, cache: EraseCache | None) -> Erased:
+    """The erased model and its evaluation: this worker's memo, else the erase cache (which produces it
+    exactly once across all trials), else erased here."""
+    concepts = _concepts(spec)
+    content = erase_content(spec, configs)
+    erase_key = content_key("erased", content)
+    eval_key = content_key(
+        "evaluation",
+        {"erased": erase_key, "evaluate": resolved_config(spec)["evaluate"], "concepts": [c.name for c in concepts]},
+    )
+    memo_key = f"{erase_key}/{eval_key}"
+    if memo_key in warm.erased:
+        hit = warm.erased[memo_key]
+        return Erased(hit.model, hit.seconds, hit.evaluation, hit.distance, hit.probe_loss, "memo")
+
+    def erase(folder: Path | None) -> tuple[DiffusionModel, float]:
+        model = copy.deepcopy(warm.model)
         request = EraseRequest(
             targets=concepts[:1],
             preserve=concepts[1:],
@@ -122,36 +160,94 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
             ),
         )
         start = time.perf_counter()
-        METHODS.get(spec.erase.method).obj.erase(erased_model, request, configs["erase"])
+        METHODS.get(spec.erase.method).obj.erase(model, request, configs["erase"])
         seconds = time.perf_counter() - start
-        evaluation = evaluate(erased_model, warm.detector, concepts, configs["evaluate"])
-        warm.erased[erase_key] = Erased(erased_model, seconds, evaluation, weight_distance(erased_model, warm.model))
-    model = copy.deepcopy(warm.erased[erase_key].model)
-    erased = warm.erased[erase_key].evaluation
-    erase_seconds = warm.erased[erase_key].seconds
+        if folder is not None:
+            save_changed(model, warm.model, folder)
+            meta = {"erase_seconds": seconds, "distance": weight_distance(model, warm.model), "content": content}
+            (folder / "erased.json").write_text(json.dumps(meta, indent=1))
+        return model, seconds
+
+    def assess(model: DiffusionModel, folder: Path | None) -> tuple[Evaluation, float]:
+        evaluation = evaluate(model, warm.detector, concepts, configs["evaluate"])
+        loss = probe_loss(model, warm.probe) if warm.probe is not None else float("nan")
+        if folder is not None:
+            save_evaluation(evaluation, folder)
+            (folder / "probe.json").write_text(json.dumps({"probe_loss": loss}))
+        return evaluation, loss
+
+    if cache is None:
+        model, seconds = erase(None)
+        evaluation, loss = assess(model, None)
+        erased = Erased(model, seconds, evaluation, weight_distance(model, warm.model), loss, "miss")
+    else:
+        produced: dict[str, Any] = {}
+
+        def produce_model(folder: Path) -> None:
+            produced["model"] = erase(folder)[0]
+
+        got = cache.get(erase_key, produce_model)
+        log.info("erase cache %s: %s (%s, waited %.1f s)", got.status, erase_key, spec.erase.method, got.waited_s)
+        meta = json.loads((got.folder / "erased.json").read_text())
+        model = produced.get("model")
+        if model is None:
+            model = copy.deepcopy(warm.model)
+            load_changed(model, got.folder)
+
+        def produce_eval(folder: Path) -> None:
+            assess(model, folder)
+
+        ev = cache.get(eval_key, produce_eval)
+        evaluation = load_evaluation(ev.folder)
+        loss = json.loads((ev.folder / "probe.json").read_text())["probe_loss"]
+        erased = Erased(model, meta["erase_seconds"], evaluation, meta["distance"], loss, got.status)
+    warm.erased.clear()  # bounded: one erased model per worker
+    warm.erased[memo_key] = erased
+    return erased
+
+
+def execute_trial(
+    spec: ExperimentSpec, report: Report, artifact_dir: Path, cache: EraseCache | None = None
+) -> dict[str, Any]:
+    """Run one trial and return its last report. With `cache`, erased models come from (and go to) the
+    run's erase cache."""
+    started = time.perf_counter()
+    configs = check_components(spec)
+    warm = warm_state(spec, configs)
+    concepts = _concepts(spec)
+    erased_name = spec.concept.name
+
+    # Stages 1 and 2: the erased model and its evaluation (erased once per erase config and seed).
+    stage = get_erased(spec, configs, warm, cache)
+    model = copy.deepcopy(stage.model)
+    erased = stage.evaluation
     once = {
         "presence_base": warm.base.presence[erased_name],
         "presence_erased": erased.presence[erased_name],
         "retention_base": warm.base.retention(erased_name),
         "retention_erased": erased.retention(erased_name),
-        "erase_seconds": erase_seconds,
-        "erase_cached": float(cached),
-        "erase_distance": warm.erased[erase_key].distance,
+        "erase_seconds": stage.seconds,
+        "erase_cached": float(stage.cache != "miss"),
+        "erase_distance": stage.distance,
     }
     grid = artifact_dir / "samples.png"
     names = [c.name for c in concepts]
 
-    def metrics(step: int, ev: Evaluation, loss: float) -> dict[str, Any]:
-        p = ev.presence[erased_name]
+    def metrics(step: int, ev: Evaluation | None, loss: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"ft_step": step, "ft_loss": loss}
+        if ev is not None:  # the full evaluation ran at this step
+            p = ev.presence[erased_name]
+            out |= {"presence": p, "resurgence": p - once["presence_erased"], "retention": ev.retention(erased_name)}
+        if warm.probe is not None:
+            now = stage.probe_loss if step == 0 else probe_loss(model, warm.probe)
+            out["resurgence_proxy"] = proxy_resurgence(now, stage.probe_loss, warm.probe_loss)
         return {
-            "ft_step": step,
-            "presence": p,
-            "resurgence": p - once["presence_erased"],
-            "retention": ev.retention(erased_name),
-            "ft_loss": loss,
-            "ft_distance": weight_distance(model, warm.erased[erase_key].model),
+            **out,
+            "ft_distance": weight_distance(model, stage.model),
             **once,
+            "erase_cache": stage.cache,
             "samples_png": str(grid),
+            "trial_seconds": time.perf_counter() - started,  # the trial's own compute so far
         }
 
     rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]
@@ -174,15 +270,17 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
     last = metrics(0, erased, float("nan"))
     report(last)
     offset = 0  # fine-tuning steps of the earlier rounds: ft_step keeps growing across rounds
+    ft_cfg = configs["finetune"]
 
     def on_eval(step: int, loss: float) -> None:
         nonlocal last
-        ev = evaluate(model, warm.detector, concepts, configs["evaluate"])
-        save_grid([*rows, (f"ft {offset + step}", [ev.samples[n] for n in names])], names, grid)
+        full = spec.evaluate.full == "every" or step == ft_cfg.steps
+        ev = evaluate(model, warm.detector, concepts, configs["evaluate"]) if full else None
+        if ev is not None:
+            save_grid([*rows, (f"ft {offset + step}", [ev.samples[n] for n in names])], names, grid)
         last = metrics(offset + step, ev, loss)
         report(last)
 
-    ft_cfg = configs["finetune"]
     for r, (choice, _) in enumerate(spec.finetune.round_datasets()):
         round_cfg = ft_cfg.model_copy(update={"seed": ft_cfg.seed + r})  # a fresh data order per round
         finetune(model, data[choice], round_cfg, every=spec.finetune.eval_every, callback=on_eval)
@@ -190,9 +288,20 @@ def execute_trial(spec: ExperimentSpec, report: Report, artifact_dir: Path) -> d
     return last
 
 
-def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any]) -> None:
+def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_actor: str | None = None) -> None:
     """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path."""
     from ray import tune
 
     spec = trial_spec(spec_data, config)
-    execute_trial(spec, tune.report, Path(tune.get_context().get_trial_dir()))
+    execute_trial(spec, tune.report, Path(tune.get_context().get_trial_dir()), worker_cache(spec, lease_actor))
+
+
+_CACHE: dict[tuple[str, str | None], EraseCache] = {}
+
+
+def worker_cache(spec: ExperimentSpec, lease_actor: str | None) -> EraseCache:
+    """This worker's handle on the run's erase cache (one per storage and lease actor)."""
+    key = (spec.storage_path, lease_actor)
+    if key not in _CACHE:
+        _CACHE[key] = open_cache(spec.storage_path, Path(spec.cache_dir) / "erased", lease_actor)
+    return _CACHE[key]

@@ -196,16 +196,14 @@ def test_gpu_request_without_gpu(tmp_path, monkeypatch, capsys):
 
 
 def test_summary_orders_best_first_errors_last():
-    from types import SimpleNamespace
-
-    from orchestrator.cli import summarize
     from orchestrator.spec import parse_spec
+    from orchestrator.sweep import rank
 
     def result(tid, value, error=None):
-        return SimpleNamespace(metrics={"trial_id": tid, "resurgence": value}, config={}, error=error)
+        return {"trial": tid, "resurgence": value, "config": {}, "error": error is not None}
 
     results = [result("a", 0.1), result("b", float("nan")), result("c", 0.5), result("d", 0.9, error="boom")]
     spec = parse_spec(SMOKE)
-    assert [r["trial"] for r in summarize(results, spec)] == ["c", "a", "b", "d"]
+    assert [r["trial"] for r in rank(results, spec)] == ["c", "a", "b", "d"]
     spec = parse_spec({**SMOKE, "search": {**SMOKE["search"], "mode": "min"}})
-    assert [r["trial"] for r in summarize(results, spec)] == ["a", "c", "b", "d"]
+    assert [r["trial"] for r in rank(results, spec)] == ["a", "c", "b", "d"]

@@ -28,7 +28,8 @@ def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "Best trials by resurgence (max), 4 in all:" in out.stdout
-    assert re.search(r"Logical resource usage: [0-9.]+/2 CPUs", out.stdout)  # the local Ray has exactly 2 CPUs
+    assert re.search(r"Ray: 2 CPUs, 0 GPUs", out.stdout)  # the local Ray has exactly 2 CPUs
+    assert re.search(r"\[progress\] 4/4 trials done \(0 running, 0 failed\) \| best resurgence -?[0-9.]+", out.stdout)
     db = tmp_path / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out.stdout
 
@@ -41,6 +42,9 @@ def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_completed"] == 4
     assert "best_resurgence" in parent.data.metrics
+    # erase once: the four trials share one erase config, so exactly one of them erased
+    assert parent.data.metrics["erase_cache_miss"] == 1
+    assert sorted(r.data.tags["erase_cache"] for r in runs if "erase_cache" in r.data.tags).count("miss") == 1
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"experiment.yaml"}
 
     trial_ids = set()

@@ -1,0 +1,290 @@
+"""A sweep on the driver: the attacker search, or the defender search around it, with MLflow bookkeeping.
+
+Attacker (`run_attack`): every grid cell's Optuna study (search.py) is run in waves; one MLflow parent
+run per sweep, one child run per trial.
+
+Defender (`run_defense`): Ray Tune does not nest Tuners, so the outer search is an Optuna study of its
+own (a journal file under the sweep's folder, so it survives the driver) asked for `per_wave` candidates
+at a time. Each wave is one attacker sweep whose cells are the candidates (each with its fixed erasure
+settings and its own attacker study, `search.num_samples` trials: the fixed attack budget). A
+candidate's score is the worst resurgence any of its attacks reached (the peak of the curve: an
+attacker may stop fine-tuning whenever it likes); its utility is the retention right after erasure. The
+outer study is told both, then asked for the next wave. MLflow: a `defense` parent run, one
+`defender-candidate` child per candidate, the attack trials under their candidate's run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.search import Cell, Row, grid_cells, run_waves, study_storage
+from orchestrator.spec import Dimension, ExperimentSpec
+from orchestrator.tracking import MlflowTrials, Progress, Tracker, flatten
+
+Opening = Future  # of (Tracker, parent run id)
+
+
+def sweep_dir(spec: ExperimentSpec, run_name: str) -> Path:
+    """The sweep's own folder on the driver (its spec copy, the Optuna journals)."""
+    base = spec.storage_path if "://" not in spec.storage_path else spec.cache_dir
+    return Path(base) / run_name
+
+
+def open_parent(
+    uri: str,
+    spec: ExperimentSpec,
+    data: dict[str, Any],
+    run_name: str,
+    tags: dict[str, str],
+    stage: str,
+    spec_file: str,
+) -> tuple[Tracker, str]:
+    """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds)."""
+    tracker = Tracker(uri, spec.name)
+    sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": spec.concept.name}
+    sweep_tags["model"] = spec.model.name
+    parent = tracker.start_run(run_name, sweep_tags)
+    params = {"search": data.get("search", {}), "spec": os.path.basename(spec_file)}
+    if data.get("defender"):
+        params["defender"] = data["defender"]
+    tracker.log(parent, params=flatten(params))
+    spec_copy = sweep_dir(spec, run_name) / "experiment.yaml"
+    spec_copy.parent.mkdir(parents=True, exist_ok=True)
+    spec_copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    tracker.artifact(parent, spec_copy)
+    return tracker, parent
+
+
+def attacker_cells(spec: ExperimentSpec, prefix: str, fixed: dict[str, Any] | None = None) -> list[Cell]:
+    return [
+        Cell({**(fixed or {}), **grid}, study=f"{prefix}-cell{j}", seed=spec.search.seed + j)
+        for j, grid in enumerate(grid_cells(spec.search.space))
+    ]
+
+
+def run_attack(
+    spec: ExperimentSpec, data: dict[str, Any], opening: Opening, run_name: str, tags: dict[str, str], lease: str
+) -> list[Row]:
+    cells = attacker_cells(spec, run_name)
+    total = len(cells) * spec.search.num_samples
+    callback = MlflowTrials(opening.result, data, tags)
+    progress = Progress(total, spec.search.metric, spec.search.mode)
+    rows = run_waves(
+        spec,
+        data,
+        cells=cells,
+        per_cell=spec.search.num_samples,
+        run_name=run_name,
+        study_path=sweep_dir(spec, run_name) / "optuna.journal",
+        callbacks=[callback, progress],
+        lease_actor=lease,
+    )
+    tracker, parent = opening.result()
+    log_summary(tracker, parent, rows, spec, callback)
+    return rows
+
+
+def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: ExperimentSpec, callback: MlflowTrials) -> None:
+    ok = [r for r in rows if not r["error"]]
+    best = rank(rows, spec)[0] if ok else None
+    metrics = [("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
+    metrics += [(f"erase_cache_{k}", v, 0) for k, v in callback.cache_counts.items()]
+    if best is not None and _finite(best[spec.search.metric]):
+        metrics.append((f"best_{spec.search.metric}", best[spec.search.metric], 0))
+    tracker.log(parent, metrics=metrics)
+
+
+# -- the defender --------------------------------------------------------------------------------------
+def optuna_distribution(dim: Dimension) -> Any:
+    import optuna
+
+    if dim.loguniform is not None:
+        return optuna.distributions.FloatDistribution(*dim.loguniform, log=True)
+    if dim.uniform is not None:
+        return optuna.distributions.FloatDistribution(*dim.uniform)
+    if dim.randint is not None:
+        return optuna.distributions.IntDistribution(*dim.randint)
+    return optuna.distributions.CategoricalDistribution(list(dim.choice or dim.grid or []))
+
+
+def _constraint(trial: Any) -> tuple[float]:
+    """Optuna's constraint convention: <= 0 is feasible (retention floor - retention)."""
+    return (trial.user_attrs.get("constraint", 0.0),)
+
+
+def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
+    import optuna
+
+    d = spec.defender
+    assert d is not None
+    if d.objective == "pareto":
+        sampler = optuna.samplers.NSGAIISampler(
+            seed=d.seed, population_size=max(2, d.per_wave), constraints_func=_constraint
+        )
+        return optuna.create_study(
+            study_name=name,
+            storage=study_storage(path),
+            sampler=sampler,
+            directions=["minimize", "maximize"],
+            load_if_exists=True,
+        )
+    sampler = optuna.samplers.TPESampler(seed=d.seed, constraints_func=_constraint, n_startup_trials=max(2, d.per_wave))
+    return optuna.create_study(
+        study_name=name, storage=study_storage(path), sampler=sampler, direction="minimize", load_if_exists=True
+    )
+
+
+def candidate_score(rows: list[Row]) -> tuple[float, float]:
+    """(worst resurgence any attack reached, retention after erasure) of one candidate's attack trials."""
+    peaks = [r["peak_resurgence"] for r in rows if _finite(r.get("peak_resurgence"))]
+    retention = next((r["retention_erased"] for r in rows if _finite(r.get("retention_erased"))), math.nan)
+    return (max(peaks) if peaks else math.nan), retention
+
+
+def run_defense(
+    spec: ExperimentSpec, data: dict[str, Any], opening: Opening, run_name: str, tags: dict[str, str], lease: str
+) -> list[Row]:
+    import optuna
+
+    d = spec.defender
+    assert d is not None
+    folder = sweep_dir(spec, run_name)
+    study = defender_study(spec, folder / "defender.journal", f"{run_name}-defender")
+    distributions = {path: optuna_distribution(dim) for path, dim in d.space.items()}
+    n_cells = len(grid_cells(spec.search.space))
+    total = d.candidates * n_cells * spec.search.num_samples
+    parents: dict[Any, str] = {}
+    callback = MlflowTrials(opening.result, data, tags, parents=parents)
+    progress = Progress(total, spec.search.metric, spec.search.mode)
+    candidates: list[Row] = []
+    all_rows: list[Row] = []
+    number = 0
+    while number < d.candidates:
+        k = min(d.per_wave, d.candidates - number)
+        asked = [study.ask(distributions) for _ in range(k)]
+        tracker, parent = opening.result()
+        cells: list[Cell] = []
+        for j, trial in enumerate(asked):
+            c = number + j
+            run = tracker.start_run(
+                f"candidate-{c}",
+                {**tags, "stage": "defender-candidate", "candidate": str(c)},
+                parent=parent,
+            )
+            tracker.log(run, params={f"defender.{p}": str(v) for p, v in trial.params.items()})
+            parents[c] = run
+            cells += attacker_cells(spec, f"{run_name}-c{c}", fixed={**trial.params, "_candidate": c})
+        rows = run_waves(
+            spec,
+            data,
+            cells=cells,
+            per_cell=spec.search.num_samples,
+            run_name=f"{run_name}-d{number // d.per_wave:03d}",
+            study_path=folder / "optuna.journal",
+            callbacks=[callback, progress],
+            lease_actor=lease,
+        )
+        all_rows += rows
+        for j, trial in enumerate(asked):
+            c = number + j
+            worst, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
+            feasible = _finite(retention) and retention >= d.retention_floor
+            row = {"candidate": c, "params": trial.params, "worst_resurgence": worst}
+            row |= {"retention": retention, "feasible": feasible}
+            candidates.append(row)
+            tracker.log(
+                parents[c],
+                metrics=[("worst_resurgence", worst, 0), ("retention", retention, 0), ("feasible", float(feasible), 0)],
+            )
+            if not _finite(worst) or not _finite(retention):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tracker.end(parents[c], "FAILED")
+                continue
+            trial.set_user_attr("constraint", d.retention_floor - retention)
+            study.tell(trial, [worst, retention] if d.objective == "pareto" else worst)
+            tracker.end(parents[c], "FINISHED")
+        number += k
+        print(f"[defender] {number}/{d.candidates} candidates attacked; " + best_line(candidates), flush=True)
+    tracker, parent = opening.result()
+    log_summary(tracker, parent, all_rows, spec, callback)
+    best = best_candidate(candidates)
+    if best is not None:
+        tracker.log(
+            parent,
+            params={f"best.{p}": str(v) for p, v in best["params"].items()}
+            | {"best.candidate": str(best["candidate"])},
+            metrics=[("best_worst_resurgence", best["worst_resurgence"], 0), ("best_retention", best["retention"], 0)],
+        )
+    print_candidates(candidates, d.objective)
+    return all_rows
+
+
+def best_candidate(candidates: list[Row]) -> Row | None:
+    """The feasible candidate with the lowest worst-case resurgence (ties: higher retention)."""
+    ok = [c for c in candidates if c["feasible"] and _finite(c["worst_resurgence"])]
+    return min(ok, key=lambda c: (c["worst_resurgence"], -c["retention"])) if ok else None
+
+
+def pareto_front(candidates: list[Row]) -> list[Row]:
+    """Candidates no other candidate beats on both worst resurgence (lower) and retention (higher)."""
+    ok = [c for c in candidates if _finite(c["worst_resurgence"]) and _finite(c["retention"])]
+    return [
+        c
+        for c in ok
+        if not any(
+            o["worst_resurgence"] <= c["worst_resurgence"]
+            and o["retention"] >= c["retention"]
+            and (o["worst_resurgence"], o["retention"]) != (c["worst_resurgence"], c["retention"])
+            for o in ok
+        )
+    ]
+
+
+def best_line(candidates: list[Row]) -> str:
+    best = best_candidate(candidates)
+    if best is None:
+        return "no feasible candidate yet"
+    return (
+        f"best: candidate {best['candidate']} worst-case resurgence {best['worst_resurgence']:.3f}, "
+        f"retention {best['retention']:.3f}"
+    )
+
+
+def print_candidates(candidates: list[Row], objective: str) -> None:
+    front = {c["candidate"] for c in pareto_front(candidates)}
+    print(f"\nDefender candidates ({objective}; * = on the Pareto front):")
+    for c in sorted(candidates, key=lambda c: (not c["feasible"], c["worst_resurgence"])):
+        params = ", ".join(f"{p}={_fmt(v)}" for p, v in c["params"].items())
+        mark = "*" if c["candidate"] in front else " "
+        print(
+            f" {mark} candidate {c['candidate']}: worst resurgence {_fmt(c['worst_resurgence'])}, retention "
+            f"{_fmt(c['retention'])}{'' if c['feasible'] else ' (below the retention floor)'}  [{params}]"
+        )
+    print(best_line(candidates))
+
+
+# -- summaries -------------------------------------------------------------------------------------------
+def rank(rows: list[Row], spec: ExperimentSpec) -> list[Row]:
+    """Best first; trials without the metric after, errors last."""
+    sign = -1 if spec.search.mode == "max" else 1
+    metric = spec.search.metric
+    return sorted(
+        rows,
+        key=lambda r: (r["error"], not _finite(r.get(metric)), sign * r[metric] if _finite(r.get(metric)) else 0.0),
+    )
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.4g}"
+    return str(x)
