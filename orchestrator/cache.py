@@ -198,11 +198,14 @@ class EraseCache:
     """Entries under `root` (a URI or path). Entries on a remote filesystem are downloaded once per node
     into `staging`; on a local or NFS path they are used where they lie."""
 
-    def __init__(self, root: str, staging: Path, leases: Leases) -> None:
+    def __init__(self, root: str, staging: Path, leases: Leases, filesystem: Any = None) -> None:
         from pyarrow import fs
 
         self.root_uri = root
-        self.fs, self.root = fs.FileSystem.from_uri(root if "://" in root else os.path.abspath(root))
+        if filesystem is None:  # `filesystem`: an explicit pyarrow filesystem and a path in it (tests)
+            self.fs, self.root = fs.FileSystem.from_uri(root if "://" in root else os.path.abspath(root))
+        else:
+            self.fs, self.root = filesystem, root
         self.local = isinstance(self.fs, fs.LocalFileSystem)
         self.staging = Path(self.root) if self.local else staging
         self.leases = leases
@@ -287,6 +290,7 @@ class EraseCache:
 
         work = local.with_name(f"{key}.dl-{self.holder}")
         shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
         fs.copy_files(
             self._remote(key), str(work), source_filesystem=self.fs, destination_filesystem=fs.LocalFileSystem()
         )
