@@ -3,6 +3,7 @@
     resurgence run search_spaces/smoke.yaml            # a local Ray, an Optuna-driven Tune sweep, MLflow
     resurgence run SPEC --address auto                 # on a running Ray cluster
     resurgence run SPEC --num-cpus 2                   # a local Ray with 2 CPUs
+    resurgence report EXPERIMENT [--sweep NAME]        # Parquet table, plots, HTML page of a sweep (from MLflow)
     resurgence validate SPEC                           # check a spec; computes nothing
     resurgence list                                    # registered methods, models, datasets, detectors
     resurgence toy train-detector                      # retrain the committed toy detector (seed 0)
@@ -40,6 +41,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all of them)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     run.add_argument("--storage-path", help="where Tune keeps results (overrides storage_path)")
+
+    report = sub.add_parser("report", help="write a sweep's Parquet table, plots and HTML page (from MLflow)")
+    report.add_argument("experiment", help="the MLflow experiment (the spec's name)")
+    report.add_argument("--sweep", help="the sweep's run name (default: the latest sweep of the experiment)")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    report.add_argument("--out", help="output folder (default: reports/<sweep>)")
 
     validate = sub.add_parser("validate", help="check a spec without computing anything")
     validate.add_argument("spec")
@@ -149,9 +156,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         tracker, parent = opening.result()
         ok = [r for r in rows if not r["error"]]
         print_table(rows, spec)
+        tracker.flush()
         print(f"\nMLflow: {len(rows)} trial runs under parent run {parent} (experiment {spec.name!r})")
         print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
-        print(f"  report:            resurgence report {spec.name} --tracking-uri {uri}")
+        if ok:
+            from orchestrator.report import write_report
+
+            index = write_report(uri, spec.name, Path.cwd() / "reports" / run_name, sweep=run_name)
+            print(f"  report:            {index} (and under report/ in the parent run's artifacts)")
         status = "FINISHED" if ok else "FAILED"
         return 0 if ok else 1
     finally:
@@ -237,6 +249,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator.report import write_report
+    from orchestrator.tracking import check_tracking_uri, default_tracking_uri
+
+    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    out = Path(args.out) if args.out else Path("reports") / (args.sweep or args.experiment)
+    index = write_report(uri, args.experiment, out, sweep=args.sweep)
+    print(f"report: {index} (also logged to the sweep's parent run under report/)")
+    return 0
+
+
 def cmd_list(_: argparse.Namespace) -> int:
     from methods.catalog import REGISTRIES
 
@@ -306,7 +329,7 @@ def cmd_toy_detector(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        commands = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "toy": cmd_toy}
+        commands = {"run": cmd_run, "report": cmd_report, "validate": cmd_validate, "list": cmd_list, "toy": cmd_toy}
         return commands[args.command](args)
     except SpecError as err:
         print(f"resurgence: error: {err}", file=sys.stderr)

@@ -196,10 +196,6 @@ class ExperimentSpec(_Strict):
                 "evaluate.full: with `end`, early-stopping rungs see only the proxy: set "
                 "search.scheduler.metric to resurgence_proxy"
             )
-        if self.defender is not None:
-            clash = set(self.defender.space) & set(self.search.space)
-            if clash:
-                raise ValueError(f"defender.space: {sorted(clash)[0]} is searched by the attacker too")
         return self
 
 
@@ -343,6 +339,8 @@ def check_space(spec: ExperimentSpec) -> None:
         _check_values(base, f"search.space.{path}", path, dim)
     if spec.defender is not None:
         for path, dim in spec.defender.space.items():
+            if path in spec.search.space:
+                raise SpecError(f"defender.space.{path}: searched by the attacker (search.space) too")
             if not path.startswith("erase."):
                 raise SpecError(f"defender.space.{path}: the defender chooses erasure settings (erase.*) only")
             _check_values(base, f"defender.space.{path}", path, dim)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,19 @@ def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A defender candidate run of a defense: its values and its outcome over the attacker's trials."""
+
+    number: int
+    run_id: str
+    params: dict[str, Any]  # dotted spec path (erase.config...) -> value (as text when read from MLflow)
+    worst_resurgence: float  # lower is better for the defender; nan when not logged
+    retention: float  # higher is better; nan when not logged
+    feasible: bool
+    status: str
+
+
 def candidate_score(rows: list[Row]) -> tuple[float, float]:
     """(worst resurgence any attack reached, retention after erasure) of one candidate's attack trials."""
     peaks = [r["peak_resurgence"] for r in rows if _finite(r.get("peak_resurgence"))]
@@ -162,7 +177,7 @@ def run_defense(
     parents: dict[Any, str] = {}
     callback = MlflowTrials(opening.result, data, tags, parents=parents)
     progress = Progress(total, spec.search.metric, spec.search.mode)
-    candidates: list[Row] = []
+    candidates: list[Candidate] = []
     all_rows: list[Row] = []
     number = 0
     while number < d.candidates:
@@ -195,14 +210,15 @@ def run_defense(
             c = number + j
             worst, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
             feasible = _finite(retention) and retention >= d.retention_floor
-            row = {"candidate": c, "params": trial.params, "worst_resurgence": worst}
-            row |= {"retention": retention, "feasible": feasible}
-            candidates.append(row)
+            ok = _finite(worst) and _finite(retention)
+            candidates.append(
+                Candidate(c, parents[c], dict(trial.params), worst, retention, feasible, "FINISHED" if ok else "FAILED")
+            )
             tracker.log(
                 parents[c],
                 metrics=[("worst_resurgence", worst, 0), ("retention", retention, 0), ("feasible", float(feasible), 0)],
             )
-            if not _finite(worst) or not _finite(retention):
+            if not ok:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 tracker.end(parents[c], "FAILED")
                 continue
@@ -225,46 +241,47 @@ def run_defense(
     return all_rows
 
 
-def best_candidate(candidates: list[Row]) -> Row | None:
-    """The feasible candidate with the lowest worst-case resurgence (ties: higher retention)."""
-    ok = [c for c in candidates if c["feasible"] and _finite(c["worst_resurgence"])]
-    return min(ok, key=lambda c: (c["worst_resurgence"], -c["retention"])) if ok else None
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The feasible candidates no other feasible one beats on both objectives (worst resurgence lower,
+    retention higher), by worst resurgence ascending. Infeasible ones do not compete: the defense rejects them."""
+    pool = [c for c in candidates if c.feasible and _finite(c.worst_resurgence) and _finite(c.retention)]
 
-
-def pareto_front(candidates: list[Row]) -> list[Row]:
-    """Candidates no other candidate beats on both worst resurgence (lower) and retention (higher)."""
-    ok = [c for c in candidates if _finite(c["worst_resurgence"]) and _finite(c["retention"])]
-    return [
-        c
-        for c in ok
-        if not any(
-            o["worst_resurgence"] <= c["worst_resurgence"]
-            and o["retention"] >= c["retention"]
-            and (o["worst_resurgence"], o["retention"]) != (c["worst_resurgence"], c["retention"])
-            for o in ok
+    def beaten(c: Candidate) -> bool:
+        return any(
+            o.worst_resurgence <= c.worst_resurgence
+            and o.retention >= c.retention
+            and (o.worst_resurgence < c.worst_resurgence or o.retention > c.retention)
+            for o in pool
         )
-    ]
+
+    return sorted((c for c in pool if not beaten(c)), key=lambda c: (c.worst_resurgence, -c.retention))
 
 
-def best_line(candidates: list[Row]) -> str:
+def best_candidate(candidates: Sequence[Candidate]) -> Candidate | None:
+    """The feasible candidate with the lowest worst resurgence (ties: the higher retention)."""
+    front = pareto_front(candidates)
+    return front[0] if front else None
+
+
+def best_line(candidates: Sequence[Candidate]) -> str:
     best = best_candidate(candidates)
     if best is None:
         return "no feasible candidate yet"
     return (
-        f"best: candidate {best['candidate']} worst-case resurgence {best['worst_resurgence']:.3f}, "
-        f"retention {best['retention']:.3f}"
+        f"best: candidate {best.number} worst-case resurgence {best.worst_resurgence:.3f}, "
+        f"retention {best.retention:.3f}"
     )
 
 
-def print_candidates(candidates: list[Row], objective: str) -> None:
-    front = {c["candidate"] for c in pareto_front(candidates)}
-    print(f"\nDefender candidates ({objective}; * = on the Pareto front):")
-    for c in sorted(candidates, key=lambda c: (not c["feasible"], c["worst_resurgence"])):
-        params = ", ".join(f"{p}={_fmt(v)}" for p, v in c["params"].items())
-        mark = "*" if c["candidate"] in front else " "
+def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
+    front = {c.number for c in pareto_front(candidates)}
+    print(f"\nDefender candidates ({objective}; * = on the Pareto front of the feasible ones):")
+    for c in sorted(candidates, key=lambda c: (not c.feasible, c.worst_resurgence)):
+        params = ", ".join(f"{p}={_fmt(v)}" for p, v in c.params.items())
+        mark = "*" if c.number in front else " "
         print(
-            f" {mark} candidate {c['candidate']}: worst resurgence {_fmt(c['worst_resurgence'])}, retention "
-            f"{_fmt(c['retention'])}{'' if c['feasible'] else ' (below the retention floor)'}  [{params}]"
+            f" {mark} candidate {c.number}: worst resurgence {_fmt(c.worst_resurgence)}, retention "
+            f"{_fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
         )
     print(best_line(candidates))
 

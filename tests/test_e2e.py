@@ -45,7 +45,12 @@ def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
     # erase once: the four trials share one erase config, so exactly one of them erased
     assert parent.data.metrics["erase_cache_miss"] == 1
     assert sorted(r.data.tags["erase_cache"] for r in runs if "erase_cache" in r.data.tags).count("miss") == 1
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"experiment.yaml"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"experiment.yaml", "report"}
+    # the report written at the end of the run, also logged to the parent run
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/index.html", "report/trials.parquet", "report/curves.png"} <= logged
+    sweep = parent.data.tags["sweep"]
+    assert (tmp_path / "reports" / sweep / "index.html").is_file() and f"reports/{sweep}/index.html" in out.stdout
 
     trial_ids = set()
     for run in children:
