@@ -115,20 +115,13 @@ def optuna_distribution(dim: Dimension) -> Any:
     return optuna.distributions.CategoricalDistribution(list(dim.choice or dim.grid or []))
 
 
-def _constraint(trial: Any) -> tuple[float]:
-    """Optuna's constraint convention: <= 0 is feasible (retention floor - retention)."""
-    return (trial.user_attrs.get("constraint", 0.0),)
-
-
 def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     import optuna
 
     d = spec.defender
     assert d is not None
     if d.objective == "pareto":
-        sampler = optuna.samplers.NSGAIISampler(
-            seed=d.seed, population_size=max(2, d.per_wave), constraints_func=_constraint
-        )
+        sampler = optuna.samplers.NSGAIISampler(seed=d.seed, population_size=max(2, d.per_wave))
         return optuna.create_study(
             study_name=name,
             storage=study_storage(path),
@@ -136,7 +129,7 @@ def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
             directions=["minimize", "maximize"],
             load_if_exists=True,
         )
-    sampler = optuna.samplers.TPESampler(seed=d.seed, constraints_func=_constraint, n_startup_trials=max(2, d.per_wave))
+    sampler = optuna.samplers.TPESampler(seed=d.seed, n_startup_trials=max(2, d.per_wave))
     return optuna.create_study(
         study_name=name, storage=study_storage(path), sampler=sampler, direction="minimize", load_if_exists=True
     )
@@ -222,7 +215,8 @@ def run_defense(
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 tracker.end(parents[c], "FAILED")
                 continue
-            trial.set_user_attr("constraint", d.retention_floor - retention)
+            # Optuna's constraint convention (both samplers read it): <= 0 is feasible.
+            trial.set_constraint("retention_floor", d.retention_floor - retention)
             study.tell(trial, [worst, retention] if d.objective == "pareto" else worst)
             tracker.end(parents[c], "FINISHED")
         number += k
@@ -233,9 +227,8 @@ def run_defense(
     if best is not None:
         tracker.log(
             parent,
-            params={f"best.{p}": str(v) for p, v in best["params"].items()}
-            | {"best.candidate": str(best["candidate"])},
-            metrics=[("best_worst_resurgence", best["worst_resurgence"], 0), ("best_retention", best["retention"], 0)],
+            params={f"best.{p}": str(v) for p, v in best.params.items()} | {"best.candidate": str(best.number)},
+            metrics=[("best_worst_resurgence", best.worst_resurgence, 0), ("best_retention", best.retention, 0)],
         )
     print_candidates(candidates, d.objective)
     return all_rows

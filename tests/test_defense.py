@@ -1,0 +1,67 @@
+"""The defender loop on the toy world with tiny budgets (`toy_defense.yaml --smoke-test`): two
+meta-unlearning candidates, each erased once and attacked by its own attacker search; the outer study,
+MLflow's candidate runs and the defender config with its worst-case resurgence."""
+
+import json
+import math
+import subprocess
+
+import optuna
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+from tests.test_e2e import resurgence_cmd
+
+
+def test_defender_loop_on_the_toy_world(tmp_path, isolated_env):
+    out = subprocess.run(
+        [*resurgence_cmd(), "run", str(REPO / "search_spaces" / "toy_defense.yaml"), "--smoke-test", "--num-cpus", "2"],
+        cwd=tmp_path,
+        env=isolated_env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "[defender] 2/2 candidates attacked; best: candidate" in out.stdout
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("toy-defense")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("stage") == "defense")
+    candidates = {r.info.run_id: r for r in runs if r.data.tags.get("stage") == "defender-candidate"}
+    trials = [r for r in runs if r.data.tags.get("stage") == "trial"]
+    assert len(candidates) == 2 and len(trials) == 2  # 2 candidates x an attack budget of 1 trial
+    for c in candidates.values():
+        assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id and c.info.status == "FINISHED"
+        assert {"defender.erase.config.gamma2_1", "defender.erase.config.gamma1_1"} <= set(c.data.params)
+        assert {"worst_resurgence", "retention", "feasible"} <= set(c.data.metrics)
+    for t in trials:  # every attack sits under its candidate and ran on that candidate's erasure settings
+        c = candidates[t.data.tags["mlflow.parentRunId"]]
+        assert t.data.tags["candidate"] == c.data.tags["candidate"]
+        for key in ("erase.config.gamma2_1", "erase.config.gamma1_1"):
+            assert math.isclose(float(t.data.params[key]), float(c.data.params[f"defender.{key}"]))
+        assert "erase.config.gamma2_1" in json.loads(t.data.tags["searched"])
+        worst = c.data.metrics["worst_resurgence"]  # one attack: its peak resurgence is the worst case
+        peak = max(m.value for m in client.get_metric_history(t.info.run_id, "resurgence"))
+        assert math.isclose(worst, peak)
+        assert "resurgence_proxy" in t.data.metrics  # the rungs' cheap signal
+
+    # the defender config and its worst-case resurgence on the parent run
+    best = parent.data.params["best.candidate"]
+    chosen = next(c for c in candidates.values() if c.data.tags["candidate"] == best)
+    assert chosen.data.metrics["feasible"] == 1.0
+    assert parent.data.metrics["best_worst_resurgence"] == chosen.data.metrics["worst_resurgence"]
+    for key in ("erase.config.gamma2_1", "erase.config.gamma1_1"):
+        assert parent.data.params[f"best.{key}"] == chosen.data.params[f"defender.{key}"]
+    assert parent.data.metrics["erase_cache_miss"] == 2  # one erasure per candidate
+
+    # the outer study persisted beside the sweep: both candidates told, with their worst case as the value
+    sweep = parent.data.tags["sweep"]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray_results" / sweep / "defender.journal"))
+    )
+    study = optuna.load_study(study_name=f"{sweep}-defender", storage=storage)
+    values = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert values == sorted(c.data.metrics["worst_resurgence"] for c in candidates.values())
+    assert (tmp_path / "reports" / sweep / "pareto.png").is_file()
