@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
     import ray
 
-    from orchestrator.cache import start_lease_actor
-    from orchestrator.sweep import open_parent, rank, run_attack, run_defense
-    from orchestrator.tracking import git_sha, version_tags
-
-    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
-    stage = "defense" if spec.defender is not None else "sweep"
+    from orchestrator.sweep import rank, run_sweep
 
     if args.address:
         check_address(args.address)  # a wrong address is bad input: fail before any MLflow run exists
@@ -140,38 +133,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.address:
             raise  # a local Ray that fails to start is not a user-input error
         raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
-    res = ray.cluster_resources()
-    print(f"Ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; sweep {run_name}", flush=True)
-    lease = f"erase-leases-{run_name}"
-    lease_actor = start_lease_actor(lease)  # one producer per erased model, across the whole sweep
-    # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
-    # which import torch and diffusers in their own processes; the callbacks wait for it on first use.
-    pool = ThreadPoolExecutor(max_workers=1)
-    opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, args.spec)
-    pool.shutdown(wait=False)
-    status = "FAILED"
-    try:
-        run = run_defense if spec.defender is not None else run_attack
-        rows = rank(run(spec, data, opening, run_name, tags, lease), spec)
-        tracker, parent = opening.result()
-        ok = [r for r in rows if not r["error"]]
-        print_table(rows, spec)
-        tracker.flush()
-        print(f"\nMLflow: {len(rows)} trial runs under parent run {parent} (experiment {spec.name!r})")
-        print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
-        if ok:
-            from orchestrator.report import write_report
-
-            index = write_report(uri, spec.name, Path.cwd() / "reports" / run_name, sweep=run_name)
-            print(f"  report:            {index} (and under report/ in the parent run's artifacts)")
-        status = "FINISHED" if ok else "FAILED"
-        return 0 if ok else 1
-    finally:
-        del lease_actor
-        if opening.exception() is None:
-            tracker, parent = opening.result()
-            tracker.end(parent, status)
-            tracker.close()
+    outcome = run_sweep(spec, data, uri, args.spec)
+    rows = rank(outcome.rows, spec)
+    print_table(rows, spec)
+    print(f"\nMLflow: {len(rows)} trial runs under parent run {outcome.parent} (experiment {spec.name!r})")
+    print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
+    if outcome.report is not None:
+        print(f"  report:            {outcome.report} (and under report/ in the parent run's artifacts)")
+    return 0 if outcome.ok else 1
 
 
 def check_address(address: str, timeout_s: float = 5.0) -> None:

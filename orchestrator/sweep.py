@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from concurrent.futures import Future
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,13 @@ def attacker_cells(spec: ExperimentSpec, prefix: str, fixed: dict[str, Any] | No
 
 
 def run_attack(
-    spec: ExperimentSpec, data: dict[str, Any], opening: Opening, run_name: str, tags: dict[str, str], lease: str
+    spec: ExperimentSpec,
+    data: dict[str, Any],
+    opening: Opening,
+    run_name: str,
+    tags: dict[str, str],
+    lease: str,
+    on_wave: Callable[[int, list[Row]], None] | None = None,
 ) -> list[Row]:
     cells = attacker_cells(spec, run_name)
     total = len(cells) * spec.search.num_samples
@@ -86,6 +93,7 @@ def run_attack(
         study_path=sweep_dir(spec, run_name) / "optuna.journal",
         callbacks=[callback, progress],
         lease_actor=lease,
+        on_wave=on_wave,
     )
     tracker, parent = opening.result()
     log_summary(tracker, parent, rows, spec, callback)
@@ -100,6 +108,66 @@ def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: Experiment
     if best is not None and _finite(best[spec.search.metric]):
         metrics.append((f"best_{spec.search.metric}", best[spec.search.metric], 0))
     tracker.log(parent, metrics=metrics)
+
+
+@dataclass
+class Outcome:
+    rows: list[Row]  # one per trial
+    run_name: str
+    parent: str  # the MLflow parent run
+    tracker: Tracker  # closed; its write statistics stay readable
+    report: Path | None  # the HTML page, when the sweep had a finished trial
+    ok: bool  # at least one trial finished
+
+
+def run_sweep(
+    spec: ExperimentSpec,
+    data: dict[str, Any],
+    uri: str,
+    spec_file: str,
+    *,
+    on_wave: Callable[[int, list[Row]], None] | None = None,
+    write_html: bool = True,
+) -> Outcome:
+    """The whole sweep on a connected Ray: the lease actor, the parent run, the attacker or defender
+    search, the summary metrics and the report; the parent run ends FINISHED when a trial finished."""
+    from orchestrator.cache import start_lease_actor
+    from orchestrator.tracking import git_sha, version_tags
+
+    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
+    stage = "defense" if spec.defender is not None else "sweep"
+    import ray
+
+    res = ray.cluster_resources()
+    print(f"Ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; sweep {run_name}", flush=True)
+    lease = f"erase-leases-{run_name}"
+    lease_actor = start_lease_actor(lease)  # one producer per erased model, across the whole sweep
+    # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
+    # which import torch and diffusers in their own processes; the callbacks wait for it on first use.
+    pool = ThreadPoolExecutor(max_workers=1)
+    opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file)
+    pool.shutdown(wait=False)
+    status = "FAILED"
+    try:
+        run = run_defense if spec.defender is not None else run_attack
+        rows = run(spec, data, opening, run_name, tags, lease, on_wave)
+        tracker, parent = opening.result()
+        ok = any(not r["error"] for r in rows)
+        index = None
+        if ok and write_html:
+            from orchestrator.report import write_report
+
+            tracker.flush()  # the report reads the runs back
+            index = write_report(uri, spec.name, Path.cwd() / "reports" / run_name, sweep=run_name)
+        status = "FINISHED" if ok else "FAILED"
+        return Outcome(rows, run_name, parent, tracker, index, ok)
+    finally:
+        ray.kill(lease_actor)
+        if opening.exception() is None:
+            tracker, parent = opening.result()
+            tracker.end(parent, status)
+            tracker.close()
 
 
 # -- the defender --------------------------------------------------------------------------------------
@@ -156,7 +224,13 @@ def candidate_score(rows: list[Row]) -> tuple[float, float]:
 
 
 def run_defense(
-    spec: ExperimentSpec, data: dict[str, Any], opening: Opening, run_name: str, tags: dict[str, str], lease: str
+    spec: ExperimentSpec,
+    data: dict[str, Any],
+    opening: Opening,
+    run_name: str,
+    tags: dict[str, str],
+    lease: str,
+    on_wave: Callable[[int, list[Row]], None] | None = None,
 ) -> list[Row]:
     import optuna
 
@@ -197,6 +271,7 @@ def run_defense(
             study_path=folder / "optuna.journal",
             callbacks=[callback, progress],
             lease_actor=lease,
+            on_wave=on_wave,
         )
         all_rows += rows
         for j, trial in enumerate(asked):

@@ -1,0 +1,214 @@
+"""A thousand cheap toy trials through the orchestrator: wall time, overhead against the trials' own
+compute, the driver's memory over waves, MLflow write time, and searching the runs afterwards.
+
+    python benchmarks/bench_sweep.py                       # 1,000 trials in waves of 250 (about 25 minutes)
+    python benchmarks/bench_sweep.py --trials 40 --wave-size 20 --baseline 6   # a quick look
+
+Side by side in one run:
+1. **Baseline**: `--baseline` trials of the same kind run as plain `execute_trial` calls in two processes
+   at once (one per core, one thread each, as Ray runs trials), after a warm-up trial that loads the
+   model and fills the erase cache. Its wall time per trial is the trials' own compute on this machine.
+2. **The sweep**: `--trials` trials through `orchestrator.sweep.run_sweep` (local Ray with 2 CPUs, waves
+   of Tuner runs over one persistent Optuna study, the erase cache, MLflow in the background).
+   overhead = sweep wall / (trials x baseline wall per trial) - 1.
+
+The trial: UCE erases "cross" from the toy model (erased once for the whole sweep: the cache), then
+10 steps of fine-tuning on cross-free toy images, then the full evaluation (36 images at 10 DDIM steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_spec(trials: int, wave_size: int) -> dict[str, Any]:
+    base = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
+    return {
+        **{k: base[k] for k in ("model", "concept", "others")},
+        "name": "bench-sweep",
+        "erase": {"method": "uce", "config": {"tokens": "all"}},
+        "finetune": {
+            "dataset": {"name": "toy", "config": {"n": 216, "exclude": ["cross"], "seed": 1}},
+            "config": {"trainable": "xattn", "lr": 5e-4, "steps": 10, "batch_size": 8},
+            "eval_every": 10,
+        },
+        "evaluate": {
+            "detector": {"name": "toy"},
+            "config": {"images_per_prompt": 1, "steps": 10, "guidance_scale": 3.0},
+        },
+        "search": {
+            "num_samples": trials,
+            "wave_size": wave_size,
+            "max_concurrent_trials": 2,
+            "space": {
+                "finetune.config.lr": {"loguniform": [1e-4, 1e-3]},
+                "finetune.config.trainable": {"choice": ["full", "xattn", "lora"]},
+            },
+        },
+        "resources": {"cpu": 1},
+    }
+
+
+BASELINE = r"""
+import json, sys, time
+from pathlib import Path
+import torch, yaml
+torch.set_num_threads(1)  # as a Ray trial (OMP_NUM_THREADS=1)
+from orchestrator.cache import open_cache
+from orchestrator.spec import trial_spec
+from orchestrator.trial import execute_trial
+data = json.loads(Path(sys.argv[1]).read_text())
+root, n, seed = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+spec0 = trial_spec(data, {})
+cache = open_cache(spec0.storage_path, Path(spec0.cache_dir) / "erased")
+import random
+rng = random.Random(seed)
+times = []
+for i in range(n + 1):  # trial 0 warms up: loads the model, evaluates the base, erases (or loads the erasure)
+    config = {"finetune.config.lr": 10 ** rng.uniform(-4, -3)}
+    config["finetune.config.trainable"] = rng.choice(["full", "xattn", "lora"])
+    start = time.perf_counter()
+    execute_trial(trial_spec(data, config), lambda m: None, root / f"trial{seed}-{i}", cache)
+    times.append(time.perf_counter() - start)
+print("TIMES", json.dumps(times), flush=True)
+"""
+
+
+def run_baseline(data: dict[str, Any], root: Path, n: int) -> tuple[float, list[float]]:
+    """Two processes at once, n timed trials each; returns (wall of the timed part per trial, trial times)."""
+    spec_file = root / "baseline.json"
+    spec_file.write_text(json.dumps(data))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # warm the erase cache first, so the two processes time the same thing
+    subprocess.run(
+        [sys.executable, "-c", BASELINE, str(spec_file), str(root), "0", "99"], env=env, check=True, capture_output=True
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BASELINE, str(spec_file), str(root), str(n), str(s)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for s in (0, 1)
+    ]
+    times = []
+    for p in procs:
+        out, _ = p.communicate()
+        times.append(json.loads(out.split("TIMES", 1)[1])[1:])  # drop each process's warm-up trial
+    timed = [t for ts in times for t in ts]
+    # the two processes ran side by side: the wall of the timed part is the slower process's sum
+    wall = max(sum(ts) for ts in times)
+    return wall / len(timed), timed
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--wave-size", type=int, default=250)
+    parser.add_argument("--baseline", type=int, default=15, help="timed baseline trials per process")
+    args = parser.parse_args()
+
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    os.chdir(tmp)
+    data = bench_spec(args.trials, args.wave_size)
+    data["storage_path"] = str(tmp / "ray_results")
+    data["cache_dir"] = str(tmp / "cache")
+
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec(data)
+    print(f"working in {tmp}", flush=True)
+    per_trial, times = run_baseline(data, tmp, args.baseline)
+    print(
+        f"baseline: {len(times)} trials, two processes at once: {per_trial:.2f} s of wall per trial "
+        f"(each trial {sum(times) / len(times):.2f} s on its core)",
+        flush=True,
+    )
+
+    import ray
+
+    from orchestrator.sweep import run_sweep
+    from orchestrator.tracking import default_tracking_uri
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    memory = [("start", rss_mb())]
+
+    def on_wave(w: int, rows: list) -> None:
+        memory.append((f"after wave {w}", rss_mb()))
+        print(f"[bench] wave {w}: {len(rows)} trials, driver RSS {memory[-1][1]:.0f} MiB", flush=True)
+
+    uri = default_tracking_uri()
+    start = time.perf_counter()
+    outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False)
+    wall = time.perf_counter() - start
+    ray.shutdown()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(spec.name).experiment_id
+    t0 = time.perf_counter()
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp], f"tags.sweep = '{outcome.run_name}' and tags.stage = 'trial'", max_results=1000, page_token=token
+        )
+        runs += page
+        token = page.token
+        if not token:
+            break
+    by_tag = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    strong = client.search_runs([exp], "tags.stage = 'trial' and metrics.resurgence > 0.5", max_results=1000)
+    by_metric = time.perf_counter() - t0
+
+    done = [r for r in outcome.rows if not r["error"]]
+    compute = sum(r["trial_seconds"] for r in done)
+    ideal = len(outcome.rows) * per_trial
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("\n=== bench_sweep ===")
+    print(f"trials: {len(outcome.rows)} ({len(done)} finished) in waves of {args.wave_size}, 2 at a time, 2 cores")
+    print(f"sweep wall: {wall:.0f} s; baseline wall for the same number of trials: {ideal:.0f} s")
+    print(f"overhead vs baseline: {wall / ideal - 1:+.1%} (target < 5%)")
+    print(
+        f"  in the sweep, trials' own compute (trial_seconds) summed: {compute:.0f} s over 2 slots -> "
+        f"{2 * wall / compute - 1:+.1%} of slot time outside trials"
+    )
+    print(f"  per trial: {(wall - ideal) / len(outcome.rows):.2f} s of wall beyond the baseline")
+    print("driver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory) + f"; peak {peak:.0f}")
+    tr = outcome.tracker
+    print(
+        f"MLflow writes (background thread): {tr.write_seconds:.1f} s in {tr.calls} batched rounds "
+        f"({tr.write_seconds / max(1, len(outcome.rows)) * 1000:.0f} ms per trial); errors: {len(tr.errors)}"
+    )
+    print(
+        f"search_runs by tag: {len(runs)} runs in {by_tag:.2f} s; by metric (resurgence > 0.5): "
+        f"{len(strong)} runs in {by_metric:.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
