@@ -208,12 +208,21 @@ def _data_name(spec: ExperimentSpec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestrator.search import grid_cells
+
     spec, _ = load_spec(args.spec)
     dims = ", ".join(spec.search.space) or "none"
+    cells = len(grid_cells(spec.search.space))
+    trials = cells * spec.search.num_samples
+    defender = ""
+    if spec.defender is not None:
+        d = spec.defender
+        trials *= d.candidates
+        defender = f"; defender ({d.objective}, {d.candidates} candidates) over {', '.join(d.space)}"
     print(
-        f"{args.spec}: valid ({spec.search.num_samples} trials; model {spec.model.name}, method "
+        f"{args.spec}: valid ({trials} trials in {cells} cell(s); model {spec.model.name}, method "
         f"{spec.erase.method}, data {_data_name(spec)}, detector {spec.evaluate.detector.name}; "
-        f"searching {dims})"
+        f"searching {dims}{defender})"
     )
     return 0
 

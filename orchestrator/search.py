@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,21 @@ class CellSearch(Searcher):
         i = self.trial_cell.get(trial_id)
         if i in self.subs:
             self.subs[i].on_trial_complete(trial_id, result, error)
+
+    # Tune snapshots its searcher with the experiment state (for Tuner.restore): where the wave is, and
+    # each cell's searcher (whose study also lives in the journal file).
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"next": self.next, "trial_cell": self.trial_cell}, f)
+        for i, sub in self.subs.items():
+            sub.save(f"{checkpoint_path}.cell{i}")
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)  # written by save() above, in this sweep's own folder
+        self.next, self.trial_cell = state["next"], state["trial_cell"]
+        for i, sub in self.subs.items():
+            sub.restore(f"{checkpoint_path}.cell{i}")
 
 
 def wave_orders(n_cells: int, per_cell: int, wave_size: int | None) -> list[list[int]]:

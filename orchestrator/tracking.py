@@ -307,6 +307,7 @@ class Progress(Callback):
         self.out = out
         self.start = time.monotonic()
         self.last_print = 0.0
+        self.last_line = ""
         self.done = 0
         self.failed = 0
         self.running: set[str] = set()
@@ -328,8 +329,14 @@ class Progress(Callback):
     def _maybe_print(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self.last_print >= self.every_s:
-            self.last_print = now
-            print(self.line(), file=self.out or sys.stdout, flush=True)
+            line = self.line()
+            if (
+                line.split(" | elapsed")[0] == self.last_line.split(" | elapsed")[0]
+                and not now - self.last_print >= self.every_s
+            ):
+                return  # nothing new since the last line
+            self.last_print, self.last_line = now, line
+            print(line, file=self.out or sys.stdout, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)

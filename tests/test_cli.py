@@ -153,7 +153,7 @@ def test_every_shipped_spec_is_valid(path, capsys):
 
 def test_validate_and_list(capsys):
     assert main(["validate", str(REPO / "search_spaces" / "smoke.yaml")]) == 0
-    assert "valid (4 trials" in capsys.readouterr().out
+    assert "valid (4 trials in 1 cell(s)" in capsys.readouterr().out
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     for line in (
