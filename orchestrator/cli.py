@@ -86,11 +86,21 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
     if args.storage_path is not None:
         overrides["storage_path"] = args.storage_path
     data = apply_overrides(data, overrides)
-    # Trials run in other processes (and, on a cluster, other machines): pass absolute paths.
-    data["storage_path"] = os.path.abspath(os.path.expanduser(data.get("storage_path", spec.storage_path)))
+    # Trials run in other processes (and, on a cluster, other machines): pass absolute paths. The storage
+    # may also be a URI (s3://, gs://, ...) that pyarrow's filesystems open.
+    storage = data.get("storage_path", spec.storage_path)
+    remote = "://" in storage and not storage.startswith("file://")
+    data["storage_path"] = storage if remote else os.path.abspath(os.path.expanduser(storage.removeprefix("file://")))
     data["cache_dir"] = os.path.abspath(os.path.expanduser(data.get("cache_dir", spec.cache_dir)))
     spec = parse_spec(data)
-    for field in ("storage_path", "cache_dir"):
+    if remote:
+        from pyarrow import fs
+
+        try:
+            fs.FileSystem.from_uri(spec.storage_path)
+        except (ValueError, OSError) as err:
+            raise SpecError(f"storage_path: cannot open {spec.storage_path} ({first_line(err)})") from None
+    for field in ("cache_dir",) if remote else ("storage_path", "cache_dir"):
         try:
             os.makedirs(getattr(spec, field), exist_ok=True)
         except OSError as err:

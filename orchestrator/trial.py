@@ -2,11 +2,16 @@
 
 `execute_trial` is plain Python (the benchmark calls it in a loop); `tune_trainable` is the same trial as
 a Ray Tune function trainable. Reports carry `ft_step` (the monotonic step ASHA uses), `presence`,
-`resurgence` (= presence - presence right after erasure), `retention`, and once-per-trial constants
+`resurgence` (= presence - presence right after erasure), `retention` (when the full evaluation ran at
+that step: every report, or with `evaluate.full: end` only at the end of each round), `resurgence_proxy`
+(with `evaluate.proxy`: the cheap denoising-loss signal, at every report) and once-per-trial constants
 (`presence_base`, `presence_erased`, ...).
 
-Workers are warm: a worker process keeps the base model, its evaluation and the detector across the
-trials it runs (Tune's `reuse_actors`), and every trial works on its own copy of the base model.
+Erase once, fine-tune many: the erased model and its evaluation come from this worker's memory, else from
+the run's erase cache (orchestrator/cache.py: content-addressed, one producer across all trials), else
+the trial erases and stores them. Workers are warm: a worker process keeps the base model, its
+evaluation, the detector and the proxy's probe across the trials it runs (Tune's `reuse_actors`), and
+every trial works on its own copy of the base model.
 """
 
 from __future__ import annotations

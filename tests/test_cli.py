@@ -123,6 +123,10 @@ def test_bad_flags(tmp_path, monkeypatch, capsys):
     assert "--num-cpus: sizes a local Ray only" in capsys.readouterr().err
     assert main(["run", str(_spec(tmp_path, resources={"cpu": 4})), "--num-cpus", "2"]) == 2
     assert "resources.cpu: trials ask for 4.0 CPUs but the local Ray has 2" in capsys.readouterr().err
+    assert main(["run", str(spec), "--storage-path", "nope://bucket/x"]) == 2
+    assert "storage_path: cannot open nope://bucket/x (Unrecognized filesystem" in capsys.readouterr().err
+    assert main(["report", "no-such-experiment"]) == 2
+    assert f"--tracking-uri: no MLflow store at {tmp_path / 'mlflow.db'}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run", str(spec), "--num-samples", "0"])
     assert exc.value.code == 2
