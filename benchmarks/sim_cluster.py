@@ -272,7 +272,7 @@ class Record:
         return self.t_end - self.t_start
 
 
-def make_collector(wave: int, n_trials: int, stop_event: threading.Event) -> Any:
+def make_collector(wave: int, n_trials: int) -> Any:
     from ray import tune
 
     class Collector(tune.Callback):
@@ -1045,7 +1045,7 @@ def main(args: argparse.Namespace) -> str:
         for k, n in enumerate(sizes):
             if stop_event.is_set():
                 break
-            collector = make_collector(k, n, stop_event)
+            collector = make_collector(k, n)
             th = threading.Thread(target=runner, args=(k, n, collector), name=f"wave{k}", daemon=True)
             th.start()
             threads.append(th)

@@ -137,9 +137,8 @@ def run_sweep(
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
     stage = "defense" if spec.defender is not None else "sweep"
-    # MLflow is the results store (and the driver keeps its own rows): Tune's CSV/JSON/TensorBoard files
-    # per trial only cost the driver time on long sweeps.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's own per-trial result files stay on (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 would save driver time,
+    # but Tune then prints a FileNotFoundError per trial when it builds its result grid).
     import ray
 
     res = ray.cluster_resources()
