@@ -15,7 +15,6 @@ starts and before any MLflow run exists.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -174,11 +173,9 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
-
-
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
+    from orchestrator.sweep import fmt
+
     keys = sorted({k for r in rows for k in r["config"] if not k.startswith("_")})
     head = [
         "rank",
@@ -195,19 +192,13 @@ def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10)
     table = [head]
     for i, r in enumerate(rows[:top], 1):
         cells = [str(i), r["trial"] + (" (error)" if r["error"] else "")]
-        cells += [_fmt(r[k]) for k in head[2 : -len(keys) or None]]
-        cells += [_fmt(r["config"].get(k)) for k in keys]
+        cells += [fmt(r[k]) for k in head[2 : -len(keys) or None]]
+        cells += [fmt(r["config"].get(k)) for k in keys]
         table.append(cells)
     widths = [max(len(row[j]) for row in table) for j in range(len(head))]
     print(f"\nBest trials by {spec.search.metric} ({spec.search.mode}), {len(rows)} in all:")
     for row in table:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    return str(x)
 
 
 def _data_name(spec: ExperimentSpec) -> str:

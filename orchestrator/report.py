@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.spec import SpecError
 from orchestrator.sweep import Candidate, best_candidate, pareto_front
+from orchestrator.tracking import finite
 from orchestrator.trial import CURVE_METRICS
 
 PARENT_STAGES = ("sweep", "defense")  # tag `stage` of a sweep's parent run: attacker sweep, defender search
@@ -81,7 +82,7 @@ def write_report(
         (out_dir / stale).unlink(missing_ok=True)
     pq.write_table(_table(rows, searched, curve_keys, once_keys), out_dir / "trials.parquet")
 
-    ranked = sorted((r for r in rows if _finite(r.get(f"final.{OBJECTIVE}"))), key=lambda r: -r[f"final.{OBJECTIVE}"])
+    ranked = sorted((r for r in rows if finite(r.get(f"final.{OBJECTIVE}"))), key=lambda r: -r[f"final.{OBJECTIVE}"])
     notes: dict[str, str] = {}  # plot file -> why it was not drawn
     if not _plot_curves(rows, ranked, out_dir / "curves.png"):
         notes["curves.png"] = f"No trial logged a {OBJECTIVE} curve."
@@ -325,7 +326,7 @@ def _plot_hyperparameters(rows: list[dict[str, Any]], searched: list[str], path:
 
     final = f"final.{OBJECTIVE}"
     panels = [
-        (p, [(r[p], r[final], r["status"] == "FINISHED") for r in rows if r[p] is not None and _finite(r.get(final))])
+        (p, [(r[p], r[final], r["status"] == "FINISHED") for r in rows if r[p] is not None and finite(r.get(final))])
         for p in searched
     ]
     panels = [(p, points) for p, points in panels if points]
@@ -373,7 +374,7 @@ def importances(rows: list[dict[str, Any]], searched: list[str]) -> dict[str, fl
     from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
     final = f"final.{OBJECTIVE}"
-    done = [r for r in rows if r["status"] == "FINISHED" and _finite(r.get(final))]
+    done = [r for r in rows if r["status"] == "FINISHED" and finite(r.get(final))]
     if len(done) < 2:
         return f"Importance needs at least 2 finished trials with a final {OBJECTIVE} (this sweep has {len(done)})."
     distributions: dict[str, BaseDistribution] = {}
@@ -434,7 +435,7 @@ def _plot_pareto(candidates: list[Candidate], path: Path) -> None:
     on_front = {c.run_id for c in front}
     fig = _figure(7, 5)
     ax = fig.subplots()
-    shown = [c for c in candidates if _finite(c.worst_resurgence) and _finite(c.retention)]
+    shown = [c for c in candidates if finite(c.worst_resurgence) and finite(c.retention)]
     feasible = [c for c in shown if c.feasible and c.run_id not in on_front]
     infeasible = [c for c in shown if not c.feasible]
     if feasible:
@@ -579,7 +580,3 @@ def _html(
         parts.append(_table_html(header, body))
     parts.append("</body></html>\n")
     return "\n".join(parts)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)

@@ -28,7 +28,7 @@ import yaml
 
 from orchestrator.search import Cell, Row, grid_cells, run_waves, study_storage
 from orchestrator.spec import Dimension, ExperimentSpec
-from orchestrator.tracking import MlflowTrials, Progress, Tracker, flatten
+from orchestrator.tracking import MlflowTrials, Progress, Tracker, finite, flatten
 
 Opening = Future  # of (Tracker, parent run id)
 
@@ -105,7 +105,7 @@ def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: Experiment
     best = rank(rows, spec)[0] if ok else None
     metrics = [("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
     metrics += [(f"erase_cache_{k}", v, 0) for k, v in callback.cache_counts.items()]
-    if best is not None and _finite(best[spec.search.metric]):
+    if best is not None and finite(best[spec.search.metric]):
         metrics.append((f"best_{spec.search.metric}", best[spec.search.metric], 0))
     tracker.log(parent, metrics=metrics)
 
@@ -220,8 +220,8 @@ class Candidate:
 
 def candidate_score(rows: list[Row]) -> tuple[float, float]:
     """(worst resurgence any attack reached, retention after erasure) of one candidate's attack trials."""
-    peaks = [r["peak_resurgence"] for r in rows if _finite(r.get("peak_resurgence"))]
-    retention = next((r["retention_erased"] for r in rows if _finite(r.get("retention_erased"))), math.nan)
+    peaks = [r["peak_resurgence"] for r in rows if finite(r.get("peak_resurgence"))]
+    retention = next((r["retention_erased"] for r in rows if finite(r.get("retention_erased"))), math.nan)
     return (max(peaks) if peaks else math.nan), retention
 
 
@@ -279,8 +279,8 @@ def run_defense(
         for j, trial in enumerate(asked):
             c = number + j
             worst, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
-            feasible = _finite(retention) and retention >= d.retention_floor
-            ok = _finite(worst) and _finite(retention)
+            feasible = finite(retention) and retention >= d.retention_floor
+            ok = finite(worst) and finite(retention)
             candidates.append(
                 Candidate(c, parents[c], dict(trial.params), worst, retention, feasible, "FINISHED" if ok else "FAILED")
             )
@@ -314,7 +314,7 @@ def run_defense(
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
     """The feasible candidates no other feasible one beats on both objectives (worst resurgence lower,
     retention higher), by worst resurgence ascending. Infeasible ones do not compete: the defense rejects them."""
-    pool = [c for c in candidates if c.feasible and _finite(c.worst_resurgence) and _finite(c.retention)]
+    pool = [c for c in candidates if c.feasible and finite(c.worst_resurgence) and finite(c.retention)]
 
     def beaten(c: Candidate) -> bool:
         return any(
@@ -347,11 +347,11 @@ def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
     front = {c.number for c in pareto_front(candidates)}
     print(f"\nDefender candidates ({objective}; * = on the Pareto front of the feasible ones):")
     for c in sorted(candidates, key=lambda c: (not c.feasible, c.worst_resurgence)):
-        params = ", ".join(f"{p}={_fmt(v)}" for p, v in c.params.items())
+        params = ", ".join(f"{p}={fmt(v)}" for p, v in c.params.items())
         mark = "*" if c.number in front else " "
         print(
-            f" {mark} candidate {c.number}: worst resurgence {_fmt(c.worst_resurgence)}, retention "
-            f"{_fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
+            f" {mark} candidate {c.number}: worst resurgence {fmt(c.worst_resurgence)}, retention "
+            f"{fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
         )
     print(best_line(candidates))
 
@@ -363,15 +363,11 @@ def rank(rows: list[Row], spec: ExperimentSpec) -> list[Row]:
     metric = spec.search.metric
     return sorted(
         rows,
-        key=lambda r: (r["error"], not _finite(r.get(metric)), sign * r[metric] if _finite(r.get(metric)) else 0.0),
+        key=lambda r: (r["error"], not finite(r.get(metric)), sign * r[metric] if finite(r.get(metric)) else 0.0),
     )
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _fmt(x: Any) -> str:
+def fmt(x: Any) -> str:
     if isinstance(x, float):
         return "nan" if math.isnan(x) else f"{x:.4g}"
     return str(x)

@@ -133,7 +133,7 @@ class Tracker:
         self, run_id: str, params: dict[str, str] | None = None, metrics: list[tuple[str, float, int]] | None = None
     ) -> None:
         now = int(time.time() * 1000)
-        clean = [(k, float(v), now, int(step)) for k, v, step in (metrics or []) if _finite(v)]
+        clean = [(k, float(v), now, int(step)) for k, v, step in (metrics or []) if finite(v)]
         self._queue.put(("log", run_id, (dict(params or {}), clean)))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
@@ -205,8 +205,9 @@ class Tracker:
                     self.client.set_terminated(run_id, payload)
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and math.isfinite(v)
+def finite(v: Any) -> bool:
+    """A real number, not nan or inf (metrics MLflow accepts; values a ranking can compare)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class MlflowTrials(Callback):
@@ -344,7 +345,7 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         v = result.get(self.metric)
-        if _finite(v) and (self.best is None or self.sign * v > self.sign * self.best[0]):
+        if finite(v) and (self.best is None or self.sign * v > self.sign * self.best[0]):
             self.best = (float(v), trial.trial_id)
         self._maybe_print()
 
