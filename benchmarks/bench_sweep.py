@@ -5,12 +5,19 @@ compute, the driver's memory over waves, MLflow write time, and searching the ru
     python benchmarks/bench_sweep.py --trials 40 --wave-size 20 --baseline 6   # a quick look
 
 Side by side in one run:
-1. **Baseline**: `--baseline` trials of the same kind run as plain `execute_trial` calls in two processes
-   at once (one per core, one thread each, as Ray runs trials), after a warm-up trial that loads the
-   model and fills the erase cache. Its wall time per trial is the trials' own compute on this machine.
-2. **The sweep**: `--trials` trials through `orchestrator.sweep.run_sweep` (local Ray with 2 CPUs, waves
-   of Tuner runs over one persistent Optuna study, the erase cache, MLflow in the background).
-   overhead = sweep wall / (trials x baseline wall per trial) - 1.
+1. **The sweep**: `--trials` trials through `orchestrator.sweep.run_sweep` (local Ray with 2 CPUs, waves
+   of Tuner runs over one persistent Optuna study, the erase cache, MLflow in the background). Its
+   overhead is counted in core-seconds during the sweep itself: the machine's cores x the sweep's wall,
+   against the CPU time the trials spent inside the trial function (`trial_cpu_seconds`); the rest is
+   split into idle cores (actor starts, wave boundaries, a wave's last trial running alone), busy
+   cores outside trials (the driver, Tune, MLflow, Ray's own processes, workers between trials) and time
+   the hypervisor stole (/proc/stat). Measured at the same time as the trials, it does not move with
+   this machine's speed, which drifts by tens of percent over minutes (the same trial took 4.8 to 8.4 s
+   in one process). Run nothing else meanwhile: /proc/stat counts the whole machine.
+2. **Baseline**: `--baseline` trials of the same kind as plain `execute_trial` calls in two processes at
+   once (one per core, one thread each, as Ray runs trials), before and after the sweep, after a warm-up
+   trial that loads the model and fills the erase cache: overhead = sweep wall / (trials x baseline wall
+   per trial) - 1, printed too, with both baselines so the drift shows.
 
 The trial: UCE erases "cross" from the toy model (erased once for the whole sweep: the cache), then
 10 steps of fine-tuning on cross-free toy images, then the full evaluation (36 images at 10 DDIM steps).
@@ -87,15 +94,18 @@ print("TIMES", json.dumps(times), flush=True)
 """
 
 
-def run_baseline(data: dict[str, Any], root: Path, n: int) -> tuple[float, list[float]]:
+def run_baseline(data: dict[str, Any], root: Path, n: int, warm: bool = True) -> tuple[float, list[float]]:
     """Two processes at once, n timed trials each; returns (wall of the timed part per trial, trial times)."""
     spec_file = root / "baseline.json"
     spec_file.write_text(json.dumps(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # warm the erase cache first, so the two processes time the same thing
-    subprocess.run(
-        [sys.executable, "-c", BASELINE, str(spec_file), str(root), "0", "99"], env=env, check=True, capture_output=True
-    )
+    if warm:  # fill the erase cache first, so the two processes time the same thing
+        subprocess.run(
+            [sys.executable, "-c", BASELINE, str(spec_file), str(root), "0", "99"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", BASELINE, str(spec_file), str(root), str(n), str(s)],
@@ -122,11 +132,36 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def cpu_ticks() -> dict[str, float]:
+    """The machine's CPU time so far by state, in core-seconds (/proc/stat's first line)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) / os.sysconf("SC_CLK_TCK") for x in fields)
+    return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
+
+
+def process_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process (the driver: Tune, the searcher, the MLflow writer thread) and of
+    Ray's own processes below it (GCS, raylet, ...), trial workers apart."""
+    import psutil
+
+    me = psutil.Process()
+    own = sum(me.cpu_times()[:2])
+    ray_procs = 0.0
+    for child in me.children(recursive=True):
+        try:
+            if not child.name().startswith("ray::") and "default_worker" not in " ".join(child.cmdline()):
+                times = child.cpu_times()
+                ray_procs += times.user + times.system
+        except psutil.Error:
+            pass
+    return {"driver": own, "ray": ray_procs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--wave-size", type=int, default=250)
-    parser.add_argument("--baseline", type=int, default=15, help="timed baseline trials per process")
+    parser.add_argument("--baseline", type=int, default=10, help="timed baseline trials per process, before and after")
     args = parser.parse_args()
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
@@ -141,9 +176,9 @@ def main() -> None:
 
     spec = parse_spec(data)
     print(f"working in {tmp}", flush=True)
-    per_trial, times = run_baseline(data, tmp, args.baseline)
+    before, times = run_baseline(data, tmp, args.baseline)
     print(
-        f"baseline: {len(times)} trials, two processes at once: {per_trial:.2f} s of wall per trial "
+        f"baseline before the sweep: {len(times)} trials, two processes at once: {before:.2f} s of wall per trial "
         f"(each trial {sum(times) / len(times):.2f} s on its core)",
         flush=True,
     )
@@ -154,6 +189,7 @@ def main() -> None:
     from orchestrator.tracking import default_tracking_uri
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    cores = os.cpu_count() or 1
     memory = [("start", rss_mb())]
 
     def on_wave(w: int, rows: list) -> None:
@@ -161,10 +197,13 @@ def main() -> None:
         print(f"[bench] wave {w}: {len(rows)} trials, driver RSS {memory[-1][1]:.0f} MiB", flush=True)
 
     uri = default_tracking_uri()
-    start = time.perf_counter()
+    ticks0, procs0, start = cpu_ticks(), process_cpu(), time.perf_counter()
     outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False)
-    wall = time.perf_counter() - start
+    wall, ticks1, procs1 = time.perf_counter() - start, cpu_ticks(), process_cpu()
     ray.shutdown()
+    after, times_after = run_baseline(data, tmp, args.baseline, warm=False)
+    print(f"baseline after the sweep: {after:.2f} s of wall per trial", flush=True)
+    per_trial = (before + after) / 2
 
     from mlflow import MlflowClient
 
@@ -186,18 +225,37 @@ def main() -> None:
     by_metric = time.perf_counter() - t0
 
     done = [r for r in outcome.rows if not r["error"]]
-    compute = sum(r["trial_seconds"] for r in done)
+    in_trials = sum(r["trial_cpu_seconds"] for r in done)
+    available = cores * wall
+    busy, idle, steal = (ticks1[k] - ticks0[k] for k in ("busy", "idle", "steal"))
+    driver, ray_own = (procs1[k] - procs0[k] for k in ("driver", "ray"))
+    rest = busy - in_trials - driver - ray_own
     ideal = len(outcome.rows) * per_trial
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("\n=== bench_sweep ===")
-    print(f"trials: {len(outcome.rows)} ({len(done)} finished) in waves of {args.wave_size}, 2 at a time, 2 cores")
-    print(f"sweep wall: {wall:.0f} s; baseline wall for the same number of trials: {ideal:.0f} s")
-    print(f"overhead vs baseline: {wall / ideal - 1:+.1%} (target < 5%)")
     print(
-        f"  in the sweep, trials' own compute (trial_seconds) summed: {compute:.0f} s over 2 slots -> "
-        f"{2 * wall / compute - 1:+.1%} of slot time outside trials"
+        f"trials: {len(outcome.rows)} ({len(done)} finished) in waves of {args.wave_size}, 2 at a time, {cores} cores"
     )
-    print(f"  per trial: {(wall - ideal) / len(outcome.rows):.2f} s of wall beyond the baseline")
+    print(f"sweep wall: {wall:.0f} s ({wall / len(outcome.rows):.2f} s per trial)")
+    print(
+        "overhead, core-seconds (measured during the sweep itself, so the machine's drift cancels out): "
+        f"{available:.0f} available, {in_trials:.0f} inside trials (their CPU time) -> "
+        f"{available / in_trials - 1:+.1%} of the trials' own compute (target < 5%)"
+    )
+    print(
+        f"  of which: idle cores {idle / in_trials:.1%} (actor starts, wave boundaries, the last trial of a wave), "
+        f"orchestration CPU {(busy - in_trials) / in_trials:.1%} (driver, Tune, MLflow writes, Ray's processes, "
+        f"workers outside trials), stolen by the hypervisor {steal / in_trials:.1%}"
+    )
+    print(
+        f"  orchestration CPU per trial: driver {driver / len(outcome.rows) * 1000:.0f} ms, Ray's own processes "
+        f"{ray_own / len(outcome.rows) * 1000:.0f} ms, the rest (trial workers outside the trial function: "
+        f"starting, importing, loading, Tune's worker loop) {rest / len(outcome.rows) * 1000:.0f} ms"
+    )
+    print(
+        f"overhead vs the plain-call baseline (wall, {before:.2f} s per trial before the sweep and {after:.2f} s "
+        f"after; the difference is this machine's drift): {wall / ideal - 1:+.1%}"
+    )
     print("driver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory) + f"; peak {peak:.0f}")
     tr = outcome.tracker
     print(

@@ -284,6 +284,24 @@ def make_probe(base: DiffusionModel, prompts: list[str], cfg: ProxyConfig, eval_
     return Probe(latents, [p for p, _ in jobs], cfg)
 
 
+def save_probe(probe: Probe, loss: float, folder: Path) -> None:
+    """The probe's images (as latents), prompts and the base model's loss on it, beside an evaluation."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"prompts": probe.prompts, "cfg": probe.cfg.model_dump(), "loss": loss}
+    (folder / "probe.json").write_text(json.dumps(meta))
+    save_file({"latents": probe.latents.contiguous()}, str(folder / "probe.safetensors"))
+
+
+def load_probe(folder: Path) -> tuple[Probe, float]:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "probe.json").read_text())
+    latents = load_file(str(folder / "probe.safetensors"))["latents"]
+    return Probe(latents, list(meta["prompts"]), ProxyConfig.model_validate(meta["cfg"])), float(meta["loss"])
+
+
 @torch.no_grad()
 def probe_loss(model: DiffusionModel, probe: Probe) -> float:
     """Mean denoising loss of `model` on the probe; lower = the model draws the concept more like the base."""

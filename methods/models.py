@@ -489,6 +489,12 @@ def pretrained(cfg: PretrainedConfig, device: torch.device, dtype: torch.dtype) 
     extra: dict[str, Any] = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     if family == "sd":
         extra.update(safety_checker=None, requires_safety_checker=False)
+    # No loading progress bars: in a sweep every worker's would be streamed to the driver's log.
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     pipe = cls.from_pretrained(
         os.path.expanduser(cfg.path),
         use_safetensors=True,

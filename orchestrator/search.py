@@ -197,6 +197,11 @@ def build_tuner(
             grace_period=s.scheduler.grace_period or spec.finetune.eval_every,
             reduction_factor=s.scheduler.reduction_factor,
         )
+    # Tune's own per-trial files: JSON results only (the result grid reads them back). Its automatic
+    # loggers would add CSV and TensorBoard files too, written by the driver for every result.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    from ray.tune.logger import JsonLoggerCallback
+
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
@@ -213,7 +218,7 @@ def build_tuner(
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage_path if "://" in storage_path else os.path.abspath(storage_path),
-            callbacks=callbacks,
+            callbacks=[*callbacks, JsonLoggerCallback()],
             verbose=0,  # the Progress callback prints one readable line instead of Tune's tables
         ),
     )
@@ -221,7 +226,7 @@ def build_tuner(
 
 Row = dict[str, Any]
 KEPT = ("resurgence", "presence", "presence_erased", "presence_base", "retention", "retention_erased")
-KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "erase_seconds")
+KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "trial_cpu_seconds", "erase_seconds")
 
 
 class TrialRows(Callback):

@@ -137,8 +137,6 @@ def run_sweep(
     run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
     stage = "defense" if spec.defender is not None else "sweep"
-    # Tune's own per-trial result files stay on (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 would save driver time,
-    # but Tune then prints a FileNotFoundError per trial when it builds its result grid).
     import ray
 
     res = ray.cluster_resources()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -98,7 +99,7 @@ class Tracker:
     once); every other write goes to a background thread that merges what has queued up into one
     `log_batch` per run, so the driver never waits on the store (`flush()` waits for it)."""
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, linger_s: float = 1.0) -> None:
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
@@ -109,6 +110,8 @@ class Tracker:
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self._queue: queue.Queue[tuple[str, str, Any] | None] = queue.Queue()
+        self.linger_s = linger_s  # how long the writer lets writes accumulate before a round
+        self._ids: dict[str, str] = {}  # start_run_later's handles -> run ids, once created
         self._writer = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
         self._writer.start()
         self.errors: list[str] = []
@@ -123,11 +126,27 @@ class Tracker:
             self.calls += 1
 
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """Create a run now and return its id (the sweep's parent, defender candidates)."""
+        with self._timed():
+            return self.client.create_run(
+                self.experiment_id, tags=self._run_tags(name, tags, parent), run_name=name
+            ).info.run_id
+
+    def start_run_later(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """Queue a run's creation and return a handle that every other method takes in place of its id
+        (trial runs: the driver's event loop never waits on the store). `run_id(handle)` after `flush()`."""
+        handle = f"pending-{uuid.uuid4().hex}"
+        self._queue.put(("create", handle, (name, tags, parent)))
+        return handle
+
+    def run_id(self, handle: str) -> str | None:
+        return self._ids.get(handle, None if handle.startswith("pending-") else handle)
+
+    def _run_tags(self, name: str, tags: dict[str, str], parent: str | None) -> dict[str, str]:
         tags = {**tags, "mlflow.runName": name}
         if parent:
-            tags["mlflow.parentRunId"] = parent
-        with self._timed():
-            return self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+            tags["mlflow.parentRunId"] = self.run_id(parent) or parent
+        return tags
 
     def log(
         self, run_id: str, params: dict[str, str] | None = None, metrics: list[tuple[str, float, int]] | None = None
@@ -160,6 +179,8 @@ class Tracker:
                 self._queue.task_done()
                 return
             batch = [item]
+            if self.linger_s > 0:
+                time.sleep(self.linger_s)  # let a trial's next events join this round: fewer, larger writes
             while len(batch) < 2000:  # whatever else is waiting goes in the same round of writes
                 try:
                     more = self._queue.get_nowait()
@@ -180,29 +201,42 @@ class Tracker:
                     self._queue.task_done()
 
     def _write(self, batch: list[tuple[str, str, Any]]) -> None:
+        """One round of writes: queued runs are created, then each run's params, metrics and tags go in as
+        few `log_batch` calls as MLflow's limits allow, then artifacts and run ends, in queue order."""
         from mlflow.entities import Metric, Param, RunTag
 
         params: dict[str, dict[str, str]] = {}
         metrics: dict[str, list[Metric]] = {}
-        for kind, run_id, payload in batch:  # logs first, merged per run; then tags, artifacts, ends in order
-            if kind == "log":
-                params.setdefault(run_id, {}).update(payload[0])
-                metrics.setdefault(run_id, []).extend(Metric(k, v, ts, st) for k, v, ts, st in payload[1])
+        tags: dict[str, dict[str, str]] = {}
         with self._timed():
-            for run_id in dict.fromkeys([*params, *metrics]):
-                plist = [Param(k, v) for k, v in params.get(run_id, {}).items()]
-                mlist = metrics.get(run_id, [])
-                for i in range(0, len(plist), PARAMS_PER_BATCH):
-                    self.client.log_batch(run_id, params=plist[i : i + PARAMS_PER_BATCH])
-                for i in range(0, len(mlist), METRICS_PER_BATCH):
-                    self.client.log_batch(run_id, metrics=mlist[i : i + METRICS_PER_BATCH])
-            for kind, run_id, payload in batch:
-                if kind == "tags":
-                    self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload.items()])
-                elif kind == "artifact":
-                    self.client.log_artifact(run_id, payload[0], payload[1])
+            for kind, handle, payload in batch:
+                if kind == "create":
+                    name, run_tags, parent = payload
+                    run = self.client.create_run(
+                        self.experiment_id, tags=self._run_tags(name, run_tags, parent), run_name=name
+                    )
+                    self._ids[handle] = run.info.run_id
+                elif kind == "log":
+                    params.setdefault(handle, {}).update(payload[0])
+                    metrics.setdefault(handle, []).extend(Metric(k, v, ts, st) for k, v, ts, st in payload[1])
+                elif kind == "tags":
+                    tags.setdefault(handle, {}).update(payload)
+            for handle in dict.fromkeys([*params, *metrics, *tags]):
+                run_id = self.run_id(handle)
+                plist = [Param(k, v) for k, v in params.get(handle, {}).items()]
+                mlist = metrics.get(handle, [])
+                tlist = [RunTag(k, v) for k, v in tags.get(handle, {}).items()]
+                while plist or mlist or tlist:  # MLflow's limits: 100 params, 1000 metrics, 1000 items per call
+                    p, plist = plist[:PARAMS_PER_BATCH], plist[PARAMS_PER_BATCH:]
+                    room = METRICS_PER_BATCH - len(p)
+                    m, mlist = mlist[:room], mlist[room:]
+                    t, tlist = tlist[: room - len(m)], tlist[room - len(m) :]
+                    self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+            for kind, handle, payload in batch:
+                if kind == "artifact":
+                    self.client.log_artifact(self.run_id(handle), payload[0], payload[1])
                 elif kind == "end":
-                    self.client.set_terminated(run_id, payload)
+                    self.client.set_terminated(self.run_id(handle), payload)
 
 
 def finite(v: Any) -> bool:
@@ -254,7 +288,9 @@ class MlflowTrials(Callback):
         }
         if candidate is not None:
             run_tags["candidate"] = str(candidate)
-        run_id = tracker.start_run(f"trial-{trial.trial_id}", run_tags, parent=self.parents.get(candidate, parent_id))
+        run_id = tracker.start_run_later(
+            f"trial-{trial.trial_id}", run_tags, parent=self.parents.get(candidate, parent_id)
+        )
         self.runs[trial.trial_id] = run_id
         tracker.log(run_id, params=flatten(resolved))
 

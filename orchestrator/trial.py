@@ -37,11 +37,13 @@ from methods.evaluate import (
     evaluate,
     load_detector,
     load_evaluation,
+    load_probe,
     make_probe,
     probe_loss,
     proxy_resurgence,
     save_evaluation,
     save_grid,
+    save_probe,
 )
 from methods.finetune import finetune
 from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
@@ -67,7 +69,7 @@ ONCE_METRICS = (
     "erase_distance",
     "data_closeness",
 )
-TIMING_METRICS = ("trial_seconds",)  # logged with the last result
+TIMING_METRICS = ("trial_seconds", "trial_cpu_seconds")  # logged with the last result
 
 
 @dataclass
@@ -102,7 +104,10 @@ def model_key(spec: ExperimentSpec) -> str:
     return json.dumps(spec.model.model_dump(), sort_keys=True)
 
 
-def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
+def warm_state(spec: ExperimentSpec, configs: dict[str, Any], cache: EraseCache | None = None) -> Warm:
+    """This worker's base model, detector, base evaluation and probe. With `cache`, the base evaluation and
+    the probe come from the run's cache (computed by one trial for the whole sweep), so a fresh worker, e.g.
+    at every wave, only loads the model: on real models the base evaluation is a minute of generation."""
     key = json.dumps(
         [
             spec.model.model_dump(),
@@ -115,11 +120,34 @@ def warm_state(spec: ExperimentSpec, configs: dict[str, Any]) -> Warm:
         _WARM.clear()  # one experiment per worker at a time; don't hold several models
         model = load_model(spec.model.name, spec.model.config, device=spec.model.device, dtype=spec.model.dtype)
         detector = load_detector(spec.evaluate.detector.name, spec.evaluate.detector.config, model.device)
-        base = evaluate(model, detector, _concepts(spec), configs["evaluate"], embed=True)  # embed: data closeness
-        probe, loss = None, float("nan")
-        if "proxy" in configs:
-            probe = make_probe(model, list(spec.concept.prompts), configs["proxy"], configs["evaluate"])
-            loss = probe_loss(model, probe)
+
+        def assess(folder: Path | None) -> tuple[Evaluation, Probe | None, float]:
+            base = evaluate(model, detector, _concepts(spec), configs["evaluate"], embed=True)  # embed: closeness
+            probe, loss = None, float("nan")
+            if "proxy" in configs:
+                probe = make_probe(model, list(spec.concept.prompts), configs["proxy"], configs["evaluate"])
+                loss = probe_loss(model, probe)
+            if folder is not None:
+                save_evaluation(base, folder)
+                if probe is not None:
+                    save_probe(probe, loss, folder)
+            return base, probe, loss
+
+        if cache is None:
+            base, probe, loss = assess(None)
+        else:
+            content = {
+                "model": spec.model.model_dump(mode="json"),
+                "evaluate": resolved_config(spec)["evaluate"],
+                "concepts": [c.model_dump(mode="json") for c in (spec.concept, *spec.others)],
+            }
+
+            def produce(folder: Path) -> None:
+                assess(folder)
+
+            got = cache.get(content_key("base-evaluation", content), produce)
+            base = load_evaluation(got.folder)
+            probe, loss = load_probe(got.folder) if "proxy" in configs else (None, float("nan"))
         _WARM[key] = Warm(model, detector, base, probe, loss)
     return _WARM[key]
 
@@ -216,9 +244,9 @@ def execute_trial(
 ) -> dict[str, Any]:
     """Run one trial and return its last report. With `cache`, erased models come from (and go to) the
     run's erase cache."""
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     configs = check_components(spec)
-    warm = warm_state(spec, configs)
+    warm = warm_state(spec, configs, cache)
     concepts = _concepts(spec)
     erased_name = spec.concept.name
 
@@ -252,7 +280,8 @@ def execute_trial(
             **once,
             "erase_cache": stage.cache,
             "samples_png": str(grid),
-            "trial_seconds": time.perf_counter() - started,  # the trial's own compute so far
+            "trial_seconds": time.perf_counter() - started,  # the trial's own compute so far (wall)
+            "trial_cpu_seconds": time.process_time() - cpu_started,  # and the CPU its worker spent on it
         }
 
     rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]

@@ -153,20 +153,33 @@ FAST = {
 }
 
 
-def test_trial_erasure_goes_through_the_cache(tmp_path):
-    """A second worker (a cleared memo) loads the first one's erased model from the cache: same weights,
-    same evaluation, no second erasure."""
+def test_trial_erasure_goes_through_the_cache(tmp_path, monkeypatch):
+    """A second worker (a cleared memo) loads the first one's erased model, and the base model's
+    evaluation, from the cache: same weights, same evaluations, no second erasure or base evaluation."""
+    import orchestrator.trial as trial_module
+
     data = {**SMOKE, "cache_dir": str(tmp_path / "cache"), "storage_path": str(tmp_path / "store")}
     spec = trial_spec(data, FAST)
     cache = open_cache(spec.storage_path, Path(spec.cache_dir) / "erased")
     first: list[dict] = []
     execute_trial(spec, first.append, tmp_path / "t1", cache)
     _WARM.clear()  # another worker: nothing in memory
+    evaluated: list[bool] = []  # embed=True marks the base model's evaluation
+
+    def counting(*args, **kw):
+        evaluated.append(kw.get("embed", False))
+        return evaluate(*args, **kw)
+
+    evaluate = trial_module.evaluate
+    monkeypatch.setattr(trial_module, "evaluate", counting)
     second: list[dict] = []
     execute_trial(spec, second.append, tmp_path / "t2", cache)
     assert first[0]["erase_cache"] == "miss" and second[0]["erase_cache"] == "hit"
     for key in ("presence_erased", "retention_erased", "erase_distance", "erase_seconds"):
         assert first[0][key] == second[0][key]
+    for key in ("presence_base", "retention_base", "data_closeness"):  # the cached base evaluation
+        assert first[0][key] == second[0][key]
+    assert True not in evaluated and len(evaluated) == len(second) - 1  # only the fine-tuned model's evaluations
     assert second[-1]["ft_loss"] == first[-1]["ft_loss"]  # the same erased weights fine-tune identically
     entries = sorted(p.name.split("-")[0] for p in (tmp_path / "store" / "erase_cache").iterdir() if p.is_dir())
-    assert entries == ["erased", "evaluation"]
+    assert entries == ["base", "erased", "evaluation"]

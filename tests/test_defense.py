@@ -1,21 +1,29 @@
 """The defender loop on the toy world with tiny budgets (`toy_defense.yaml --smoke-test`): two
 meta-unlearning candidates, each erased once and attacked by its own attacker search; the outer study,
-MLflow's candidate runs and the defender config with its worst-case resurgence."""
+MLflow's candidate runs and the defender config with its worst-case resurgence. Both objectives: the
+worst case under a retention floor (TPE with a constraint) and the Pareto search (NSGA-II)."""
 
 import json
 import math
 import subprocess
 
 import optuna
+import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
 from tests.test_e2e import resurgence_cmd
 
 
-def test_defender_loop_on_the_toy_world(tmp_path, isolated_env):
+@pytest.mark.parametrize("objective", ["worst_case", "pareto"])
+def test_defender_loop_on_the_toy_world(tmp_path, isolated_env, objective):
+    data = yaml.safe_load((REPO / "search_spaces" / "toy_defense.yaml").read_text())
+    data["defender"]["objective"] = objective
+    spec = tmp_path / "toy_defense.yaml"
+    spec.write_text(yaml.safe_dump(data))
     out = subprocess.run(
-        [*resurgence_cmd(), "run", str(REPO / "search_spaces" / "toy_defense.yaml"), "--smoke-test", "--num-cpus", "2"],
+        [*resurgence_cmd(), "run", str(spec), "--smoke-test", "--num-cpus", "2"],
         cwd=tmp_path,
         env=isolated_env,
         capture_output=True,
@@ -24,6 +32,7 @@ def test_defender_loop_on_the_toy_world(tmp_path, isolated_env):
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "[defender] 2/2 candidates attacked; best: candidate" in out.stdout
+    assert f"Defender candidates ({objective};" in out.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("toy-defense")
@@ -62,6 +71,24 @@ def test_defender_loop_on_the_toy_world(tmp_path, isolated_env):
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray_results" / sweep / "defender.journal"))
     )
     study = optuna.load_study(study_name=f"{sweep}-defender", storage=storage)
-    values = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-    assert values == sorted(c.data.metrics["worst_resurgence"] for c in candidates.values())
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    worst = sorted(c.data.metrics["worst_resurgence"] for c in candidates.values())
+    if objective == "pareto":  # NSGA-II on two objectives: worst resurgence down, retention up
+        assert study.directions == [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE]
+        assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+        assert sorted(t.values[0] for t in done) == worst
+        assert sorted(t.values[1] for t in done) == sorted(c.data.metrics["retention"] for c in candidates.values())
+    else:
+        assert sorted(t.value for t in done) == worst
+    for t in done:  # the retention floor reached both samplers as a constraint (<= 0: feasible)
+        floor = 0.5  # the smoke's floor
+        assert math.isclose(t.constraints["retention_floor"], floor - candidate_retention(candidates, t.params))
     assert (tmp_path / "reports" / sweep / "pareto.png").is_file()
+
+
+def candidate_retention(candidates: dict, params: dict) -> float:
+    """The retention MLflow holds for the candidate run with these defender values."""
+    for c in candidates.values():
+        if all(math.isclose(float(c.data.params[f"defender.{k}"]), v) for k, v in params.items()):
+            return c.data.metrics["retention"]
+    raise AssertionError(f"no candidate run with {params}")

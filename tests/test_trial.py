@@ -1,9 +1,10 @@
 """A trial as plain Python: its reports, and the per-worker erasure memo."""
 
+import pytest
 import yaml
 
 from orchestrator.spec import trial_spec
-from orchestrator.trial import execute_trial
+from orchestrator.trial import _WARM, execute_trial
 from tests.conftest import REPO
 
 SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
@@ -14,6 +15,12 @@ FAST = {
     "evaluate.config.images_per_prompt": 1,
     "finetune.dataset.config.images_per_prompt": 1,
 }
+
+
+@pytest.fixture(autouse=True)
+def fresh_worker():
+    """Each test starts as a new worker: nothing warm from an earlier test in this process."""
+    _WARM.clear()
 
 
 def _run(tmp_path, **overrides):
