@@ -216,7 +216,7 @@ class DiffusionModel:
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     def denoising_loss(
-        self, latents: torch.Tensor, cond: Conditioning, generator: torch.Generator | None = None
+        self, latents: torch.Tensor, cond: Conditioning, generator: torch.Generator | None = None, unet: Any = None
     ) -> torch.Tensor:
         """The diffusion training loss E_{t, eps} ||target - eps_theta(z_t, t, c)||^2 (DDPM, Ho et al. 2020),
         with t uniform over the training timesteps and target = eps (or v for v-prediction)."""
@@ -227,7 +227,7 @@ class DiffusionModel:
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         target = sched.get_velocity(latents, noise, t) if sched.config.prediction_type == "v_prediction" else noise
-        return torch.nn.functional.mse_loss(self.eps(noisy, t, cond), target)
+        return torch.nn.functional.mse_loss(self.eps(noisy, t, cond, unet), target)
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         """Initial latents, one seeded draw per image (an image does not depend on its batch)."""

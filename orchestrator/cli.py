@@ -2,7 +2,9 @@
 
     resurgence run search_spaces/smoke.yaml            # a local Ray, an Optuna-driven Tune sweep, MLflow
     resurgence run SPEC --address auto                 # on a running Ray cluster
-    resurgence run SPEC --num-cpus 2                   # a local Ray with 2 CPUs
+    resurgence run SPEC --num-cpus 2                   # a local Ray with 2 CPUs (re-running continues an
+                                                       # unfinished sweep of the same spec; --new starts anew)
+    resurgence resume [SWEEP]                          # continue a sweep whose driver stopped
     resurgence report EXPERIMENT [--sweep NAME]        # Parquet table, plots, HTML page of a sweep (from MLflow)
     resurgence validate SPEC                           # check a spec; computes nothing
     resurgence list                                    # registered methods, models, datasets, detectors
@@ -15,6 +17,7 @@ starts and before any MLflow run exists.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -39,6 +42,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all of them)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     run.add_argument("--storage-path", help="where Tune keeps results (overrides storage_path)")
+    run.add_argument("--new", action="store_true", help="start a new sweep even if one of this spec did not finish")
+
+    resume = sub.add_parser("resume", help="continue a sweep whose driver stopped (killed, crashed, machine lost)")
+    resume.add_argument("sweep", nargs="?", help="the sweep's name or folder (default: the newest unfinished one)")
+    resume.add_argument("--storage-path", help="where to look for sweeps (default: ray_results)")
+    resume.add_argument("--address", help="Ray cluster address (e.g. auto); default: local Ray")
+    resume.add_argument("--num-cpus", type=_positive_int, help="CPUs of the local Ray (default: all of them)")
+    resume.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the sweep used)")
 
     report = sub.add_parser("report", help="write a sweep's Parquet table, plots and HTML page (from MLflow)")
     report.add_argument("experiment", help="the MLflow experiment (the spec's name)")
@@ -106,17 +117,18 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
             raise SpecError(f"{field}: cannot create {getattr(spec, field)} ({err.strerror})") from None
     if args.address and args.num_cpus:
         raise SpecError("--num-cpus: sizes a local Ray only; a cluster's CPUs are its own (drop it with --address)")
-    if spec.resources.cpu > (args.num_cpus or os.cpu_count() or 1) and not args.address:
+    workers = spec.distributed.workers if spec.distributed is not None else 1  # a trial's processes
+    if spec.resources.cpu * workers > (args.num_cpus or os.cpu_count() or 1) and not args.address:
         raise SpecError(
-            f"resources.cpu: trials ask for {spec.resources.cpu} CPUs but the local Ray has "
-            f"{args.num_cpus or os.cpu_count()} (a trial would never start)"
+            f"resources.cpu: trials ask for {spec.resources.cpu * workers:g} CPUs ({workers} worker(s)) but the "
+            f"local Ray has {args.num_cpus or os.cpu_count()} (a trial would never start)"
         )
     if spec.resources.gpu > 0 and not args.address:
         import torch
 
-        if torch.cuda.device_count() < spec.resources.gpu:
+        if torch.cuda.device_count() < spec.resources.gpu * workers:
             raise SpecError(
-                f"resources.gpu: trials ask for {spec.resources.gpu} GPU(s) but this machine has "
+                f"resources.gpu: trials ask for {spec.resources.gpu * workers:g} GPU(s) but this machine has "
                 f"{torch.cuda.device_count()} (pass --address for a cluster)"
             )
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
@@ -124,7 +136,67 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import SweepState, unfinished_sweeps
+
     spec, data, uri = prepare(args)
+    resume = None
+    found = [] if args.new else unfinished_sweeps(sweep_base(spec), data)
+    if found and spec.defender is not None:
+        print(
+            f"resurgence: {found[0].name} did not finish; continuing defender sweeps is not supported yet, "
+            "so a new sweep starts",
+            flush=True,
+        )
+    elif found:
+        resume = SweepState.load(found[0])
+        print(
+            f"resurgence: continuing sweep {resume.run_name} of this spec (started {resume.started}; its driver "
+            "stopped before the end). Pass --new for a new sweep.",
+            flush=True,
+        )
+    return drive(spec, data, uri, args.spec, args, resume)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.spec import parse_spec
+    from orchestrator.sweep import DriverLock, SweepState, unfinished_sweeps
+    from orchestrator.tracking import check_tracking_uri
+
+    base = Path(os.path.abspath(os.path.expanduser(args.storage_path or "ray_results")))
+    if args.sweep and (Path(args.sweep) / "sweep.json").is_file():
+        folder = Path(args.sweep).resolve()
+    elif args.sweep:
+        folder = base / args.sweep
+        if not (folder / "sweep.json").is_file():
+            raise SpecError(f"sweep: no sweep {args.sweep!r} under {base} (pass its folder, or --storage-path)")
+    else:
+        found = unfinished_sweeps(base)
+        if not found:
+            raise SpecError(f"sweep: no unfinished sweep under {base} (pass --storage-path to look elsewhere)")
+        folder = found[0]
+    state = SweepState.load(folder)
+    if state.status != "running":
+        raise SpecError(f"sweep: {state.run_name} already ended ({state.status}); nothing to continue")
+    if DriverLock.held(folder):
+        raise SpecError(f"sweep: {state.run_name} is still running (its driver holds {folder / 'driver.lock'})")
+    data = json.loads((folder / "spec.json").read_text())
+    spec = parse_spec(data)
+    if spec.defender is not None:
+        raise SpecError(f"sweep: {state.run_name} is a defender sweep; continuing those is not supported yet")
+    uri = check_tracking_uri(args.tracking_uri or state.tracking_uri)
+    print(f"resurgence: continuing sweep {state.run_name} (started {state.started})", flush=True)
+    return drive(spec, data, uri, state.spec_file, args, state)
+
+
+def sweep_base(spec: ExperimentSpec) -> Path:
+    """The folder that holds the sweeps' own folders (run_sweep's sweep_dir)."""
+    return Path(spec.storage_path if "://" not in spec.storage_path else spec.cache_dir)
+
+
+def drive(
+    spec: ExperimentSpec, data: dict[str, Any], uri: str, spec_file: str, args: argparse.Namespace, resume: Any
+) -> int:
+    """Connect to (or start) Ray and run the sweep; prints the best trials."""
     # ---- compute starts here ----
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
     import ray
@@ -137,12 +209,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.address:
             ray.init(address=args.address)
         else:
-            ray.init(include_dashboard=False, num_cpus=args.num_cpus)
+            # A local Ray listens on this machine's loopback only.
+            ray.init(include_dashboard=False, num_cpus=args.num_cpus, _node_ip_address="127.0.0.1")
     except (ConnectionError, ValueError, RuntimeError) as err:
         if not args.address:
             raise  # a local Ray that fails to start is not a user-input error
         raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
-    outcome = run_sweep(spec, data, uri, args.spec)
+    outcome = run_sweep(spec, data, uri, spec_file, resume=resume)
     rows = rank(outcome.rows, spec)
     print_table(rows, spec)
     print(f"\nMLflow: {len(rows)} trial runs under parent run {outcome.parent} (experiment {spec.name!r})")
@@ -308,7 +381,14 @@ def cmd_toy_detector(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        commands = {"run": cmd_run, "report": cmd_report, "validate": cmd_validate, "list": cmd_list, "toy": cmd_toy}
+        commands = {
+            "run": cmd_run,
+            "resume": cmd_resume,
+            "report": cmd_report,
+            "validate": cmd_validate,
+            "list": cmd_list,
+            "toy": cmd_toy,
+        }
         return commands[args.command](args)
     except SpecError as err:
         print(f"resurgence: error: {err}", file=sys.stderr)

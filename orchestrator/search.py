@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pickle
 from collections.abc import Callable
@@ -74,6 +75,23 @@ def study_storage(path: Path) -> Any:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def fail_running(path: Path) -> int:
+    """Mark every still-running trial of every study in the journal as failed (trials a dead driver had
+    asked for, which will never be told); returns how many."""
+    import optuna
+
+    if not path.is_file():
+        return 0
+    storage = study_storage(path)
+    failed = 0
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            failed += 1
+    return failed
 
 
 class CellSearch(Searcher):
@@ -197,14 +215,15 @@ def build_tuner(
             grace_period=s.scheduler.grace_period or spec.finetune.eval_every,
             reduction_factor=s.scheduler.reduction_factor,
         )
-    # Tune's own per-trial files: JSON results only (the result grid reads them back). Its automatic
-    # loggers would add CSV and TensorBoard files too, written by the driver for every result.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    from ray.tune.logger import JsonLoggerCallback
-
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    concurrent = s.max_concurrent_trials
+    if spec.distributed is not None:
+        # The trial's own process only waits for its Ray Train job, whose workers hold the resources; run
+        # as many trials at once as there are worker groups' worth of resources.
+        resources = {"cpu": 0, "gpu": 0}
+        concurrent = concurrent or distributed_slots(spec)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+        tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor), resources
     )
     return tune.Tuner(
         trainable,
@@ -212,16 +231,38 @@ def build_tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=len(order),
-            max_concurrent_trials=s.max_concurrent_trials,
+            max_concurrent_trials=concurrent,
             reuse_actors=True,  # warm workers keep torch, the base model and the detector loaded
         ),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage_path if "://" in storage_path else os.path.abspath(storage_path),
-            callbacks=[*callbacks, JsonLoggerCallback()],
+            callbacks=[*callbacks, _json_logger()],
             verbose=0,  # the Progress callback prints one readable line instead of Tune's tables
+            # A trial that raised, or whose worker died, runs again (from its last checkpoint, if any).
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def _json_logger() -> Any:
+    from ray.tune.logger import JsonLoggerCallback
+
+    return JsonLoggerCallback()
+
+
+def distributed_slots(spec: ExperimentSpec) -> int:
+    """How many distributed trials the connected cluster runs at once (at least one)."""
+    import ray
+
+    d, r = spec.distributed, spec.resources
+    assert d is not None
+    total = ray.cluster_resources()
+    fits = [int(total.get("CPU", 0) // (d.workers * r.cpu))]
+    if r.gpu > 0:
+        fits.append(int(total.get("GPU", 0) // (d.workers * r.gpu)))
+    return max(1, min(fits))
 
 
 Row = dict[str, Any]
@@ -255,6 +296,47 @@ class TrialRows(Callback):
         return rows
 
 
+class WaveLog:
+    """What a sweep's driver writes down as it goes, so another driver can continue it: the waves that
+    are done and their rows (`rows.jsonl` in the sweep's folder, one line per trial)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "rows.jsonl"
+
+    def done(self) -> dict[str, list[Row]]:
+        """Rows of the finished waves, by wave name."""
+        out: dict[str, list[Row]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a killed driver: its wave is not done
+                    continue
+                out.setdefault(record["wave"], []).extend(record["rows"])
+        return out
+
+    def record(self, wave: str, rows: list[Row]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"wave": wave, "rows": rows}, default=str) + "\n")
+
+
+def rows_from_results(grid: Any) -> list[Row]:
+    """Rows of a restored wave from Tune's own result files (its trials ran under two drivers)."""
+    rows = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        peak = float(frame["resurgence"].max()) if frame is not None and "resurgence" in frame else float("nan")
+        metrics = result.metrics or {}
+        row = {k: float("nan") for k in KEPT} | {k: metrics[k] for k in KEPT if k in metrics}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        rows.append(
+            row
+            | {"trial": trial_id, "error": result.error is not None, "config": dict(result.config or {})}
+            | {"peak_resurgence": peak}
+        )
+    return rows
+
+
 def run_waves(
     spec: ExperimentSpec,
     spec_data: dict[str, Any],
@@ -266,28 +348,71 @@ def run_waves(
     callbacks: list[Any],
     lease_actor: str | None,
     on_wave: Callable[[int, list[Row]], None] | None = None,
+    log: WaveLog | None = None,
+    on_resumed: Callable[[str, set[str]], None] | None = None,
 ) -> list[Row]:
-    """Run every cell's trials as waves of Tuner runs; returns one small row per trial."""
+    """Run every cell's trials as waves of Tuner runs; returns one small row per trial. With `log`, each
+    finished wave is written down, and a sweep continued by another driver skips the finished waves and
+    restores the interrupted one from Tune's experiment state (`on_resumed(wave, trial ids)` then cleans up
+    after the trials the dead driver had started but Tune had not recorded)."""
+    from ray import tune
+
+    from orchestrator.trial import tune_trainable
+
+    # Tune's own per-trial files: JSON results only (the result grid reads them back). Its automatic
+    # loggers would add CSV and TensorBoard files too, written by the driver for every result.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     rows: list[Row] = []
     collector = TrialRows()
+    done = log.done() if log is not None else {}
     orders = wave_orders(len(cells), per_cell, spec.search.wave_size)
     for w, order in enumerate(orders):
         name = run_name if len(orders) == 1 else f"{run_name}-wave{w:03d}"
-        tuner = build_tuner(
-            spec,
-            spec_data,
-            cells=cells,
-            order=order,
-            run_name=name,
-            storage_path=spec.storage_path,
-            study_path=study_path,
-            callbacks=[collector, *callbacks],
-            lease_actor=lease_actor,
-        )
-        tuner.fit()
+        if name in done:
+            rows += done[name]
+            continue
+        for cb in callbacks:
+            if hasattr(cb, "wave"):
+                cb.wave = name
+        path = experiment_path(spec.storage_path, name)
+        restored = log is not None and tune.Tuner.can_restore(path)
+        if restored:
+            print(f"[resume] wave {name}: restoring Tune's experiment state from {path}", flush=True)
+            tuner = tune.Tuner.restore(path, tune_trainable, resume_errored=True)
+            # The restored Tuner comes back with pickled copies of the callbacks from when the wave began;
+            # this driver's own callbacks (its MLflow connection, its rows) take their place.
+            tuner._local_tuner.get_run_config().callbacks = [collector, *callbacks, _json_logger()]
+        else:
+            tuner = build_tuner(
+                spec,
+                spec_data,
+                cells=cells,
+                order=order,
+                run_name=name,
+                storage_path=spec.storage_path,
+                study_path=study_path,
+                callbacks=[collector, *callbacks],
+                lease_actor=lease_actor,
+            )
+        grid = tuner.fit()
         del tuner  # the wave's trials leave the driver's memory with it
         wave_rows = collector.take()
+        if restored:
+            wave_rows = rows_from_results(grid)
+            if on_resumed is not None:
+                on_resumed(name, {r["trial"] for r in wave_rows})
+        del grid
         rows += wave_rows
+        if log is not None:
+            log.record(name, wave_rows)
         if on_wave is not None:
             on_wave(w, wave_rows)
     return rows
+
+
+def experiment_path(storage_path: str, name: str) -> str:
+    return (
+        f"{storage_path.rstrip('/')}/{name}"
+        if "://" in storage_path
+        else os.path.join(os.path.abspath(storage_path), name)
+    )

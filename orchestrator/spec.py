@@ -162,8 +162,31 @@ class DefenderSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    cpu: float = Field(1.0, gt=0)  # CPUs per trial
-    gpu: float = Field(0.0, ge=0)  # GPUs per trial (fractions share a GPU)
+    cpu: float = Field(1.0, gt=0)  # CPUs per trial (per worker of a distributed trial)
+    gpu: float = Field(0.0, ge=0)  # GPUs per trial (per worker; fractions share a GPU)
+
+
+class DistributedSpec(_Strict):
+    """A multi-worker fine-tune: the trial runs as a Ray Train job of `workers` processes (each with
+    `resources`), fine-tuning the UNet through DeepSpeed (SDXL-sized models). Erasure and evaluations run on
+    rank 0; every rank trains its share of each batch (finetune.config.batch_size is the global batch)."""
+
+    workers: int = Field(2, ge=1)  # Ray Train workers of one trial
+    # A DeepSpeed config: a JSON file (relative to the working directory, e.g. cluster/deepspeed/zero2.json)
+    # or the mapping itself. Its ZeRO stage, offload and precision are used as they are; the optimizer's lr,
+    # the batch sizes and clipping come from finetune.config (they are searched).
+    deepspeed: str | dict[str, Any] = "cluster/deepspeed/zero2.json"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with GPUs, gloo on CPUs
+
+
+class FailureSpec(_Strict):
+    # Retries of a trial that raised or whose worker died (Tune's FailureConfig); the other trials go on.
+    # A fine-tune whose loss went nan or inf is not retried: it ends with outcome "diverged".
+    max_failures: int = Field(1, ge=0)
+    # Fine-tuning steps between trial checkpoints (a multiple of finetune.eval_every): a retried trial
+    # continues from its last one. null: no checkpoints, a retried trial starts over (cheap trials; a
+    # checkpoint of a full SD fine-tune is the UNet plus its optimizer state, about 10 GB).
+    checkpoint_every: int | None = Field(None, ge=1)
 
 
 class ExperimentSpec(_Strict):
@@ -178,6 +201,8 @@ class ExperimentSpec(_Strict):
     search: SearchSpec = SearchSpec()
     defender: DefenderSpec | None = None  # present: run the defender search around the attacker search
     resources: ResourcesSpec = ResourcesSpec()
+    distributed: DistributedSpec | None = None  # present: each trial fine-tunes with DeepSpeed on several workers
+    failure: FailureSpec = FailureSpec()
     storage_path: str = "ray_results"  # Tune's results (a shared path on multi-node clusters)
     cache_dir: str = ".resurgence_cache"  # generated datasets
     smoke: dict[str, Any] = Field(default_factory=lambda: {"search.num_samples": 2})  # --smoke-test overrides
@@ -191,6 +216,12 @@ class ExperimentSpec(_Strict):
         metric = scheduler.metric if scheduler and scheduler.metric else self.search.metric
         if metric == "resurgence_proxy" and self.evaluate.proxy is None:
             raise ValueError("search.scheduler.metric: resurgence_proxy needs evaluate.proxy (the probe's settings)")
+        every = self.failure.checkpoint_every
+        if every is not None and every % self.finetune.eval_every:
+            raise ValueError(
+                f"failure.checkpoint_every: {every} is not a multiple of finetune.eval_every "
+                f"({self.finetune.eval_every}): checkpoints go with reports"
+            )
         if scheduler and self.evaluate.full == "end" and metric != "resurgence_proxy":
             raise ValueError(
                 "evaluate.full: with `end`, early-stopping rungs see only the proxy: set "
@@ -297,9 +328,44 @@ def check_components(spec: ExperimentSpec) -> dict[str, Any]:
             configs["proxy"] = ProxyConfig.model_validate(spec.evaluate.proxy)
         except ValidationError as err:
             raise SpecError(_format(err, prefix="evaluate.proxy")) from None
+    if spec.distributed is not None:
+        configs["deepspeed"] = deepspeed_config(spec.distributed.deepspeed)
+        ft = configs["finetune"]
+        if ft.batch_size % spec.distributed.workers:
+            raise SpecError(
+                f"finetune.config.batch_size: {ft.batch_size} is not a multiple of distributed.workers "
+                f"({spec.distributed.workers}): each worker trains an equal share of the batch"
+            )
+        if ft.trainable == "text_encoder":
+            raise SpecError(
+                "finetune.config.trainable: distributed (DeepSpeed) trials fine-tune the UNet, not text_encoder"
+            )
     if spec.model.device not in ("auto", "cpu") and not spec.model.device.startswith("cuda"):
         raise SpecError(f"model.device: expected auto, cpu or cuda[:N] (got {spec.model.device!r})")
     return configs
+
+
+def deepspeed_config(value: str | dict[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config from a JSON file (relative to the working directory) or given inline, checked."""
+    import json
+
+    field = "distributed.deepspeed"
+    if isinstance(value, str):
+        path = Path(os.path.expanduser(value))
+        if not path.is_file():
+            raise SpecError(f"{field}: {value}: no such file")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{field}: {value} is not JSON ({err.msg} at line {err.lineno})") from None
+    else:
+        config = value
+    if not isinstance(config, dict):
+        raise SpecError(f"{field}: the config must be a JSON object")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise SpecError(f"{field}: zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r})")
+    return config
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -334,7 +400,17 @@ def check_space(spec: ExperimentSpec) -> None:
     """Every search path must name a spec field, and every value it can take must validate there."""
     base = spec.model_dump(mode="python")
     for path, dim in spec.search.space.items():
-        if path.split(".")[0] in ("search", "defender", "resources", "storage_path", "cache_dir", "smoke", "name"):
+        if path.split(".")[0] in (
+            "search",
+            "defender",
+            "resources",
+            "distributed",
+            "failure",
+            "storage_path",
+            "cache_dir",
+            "smoke",
+            "name",
+        ):
             raise SpecError(f"search.space.{path}: only trial settings can be searched, not {path.split('.')[0]}")
         _check_values(base, f"search.space.{path}", path, dim)
     if spec.defender is not None:
@@ -383,6 +459,8 @@ def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
     out["evaluate"]["config"] = configs["evaluate"].model_dump(mode="json")
     if "proxy" in configs:
         out["evaluate"]["proxy"] = configs["proxy"].model_dump(mode="json")
+    if "deepspeed" in configs:
+        out["distributed"]["deepspeed"] = configs["deepspeed"]  # the file's content, not only its name
     return out
 
 

@@ -15,6 +15,9 @@ outer study is told both, then asked for the next wave. MLflow: a `defense` pare
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -26,8 +29,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.search import Cell, Row, grid_cells, run_waves, study_storage
-from orchestrator.spec import Dimension, ExperimentSpec
+from orchestrator.search import Cell, Row, WaveLog, grid_cells, run_waves, study_storage
+from orchestrator.spec import Dimension, ExperimentSpec, SpecError
 from orchestrator.tracking import MlflowTrials, Progress, Tracker, finite, flatten
 
 Opening = Future  # of (Tracker, parent run id)
@@ -49,7 +52,7 @@ def open_parent(
     spec_file: str,
 ) -> tuple[Tracker, str]:
     """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds)."""
-    tracker = Tracker(uri, spec.name)
+    tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
     sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": spec.concept.name}
     sweep_tags["model"] = spec.model.name
     parent = tracker.start_run(run_name, sweep_tags)
@@ -57,10 +60,7 @@ def open_parent(
     if data.get("defender"):
         params["defender"] = data["defender"]
     tracker.log(parent, params=flatten(params))
-    spec_copy = sweep_dir(spec, run_name) / "experiment.yaml"
-    spec_copy.parent.mkdir(parents=True, exist_ok=True)
-    spec_copy.write_text(yaml.safe_dump(data, sort_keys=False))
-    tracker.artifact(parent, spec_copy)
+    tracker.artifact(parent, sweep_dir(spec, run_name) / "experiment.yaml")  # written by run_sweep
     return tracker, parent
 
 
@@ -79,21 +79,31 @@ def run_attack(
     tags: dict[str, str],
     lease: str,
     on_wave: Callable[[int, list[Row]], None] | None = None,
+    resumed: bool = False,
 ) -> list[Row]:
     cells = attacker_cells(spec, run_name)
     total = len(cells) * spec.search.num_samples
-    callback = MlflowTrials(opening.result, data, tags)
+    folder = sweep_dir(spec, run_name)
+    study_path = folder / "optuna.journal"
+    existing = existing_trial_runs(opening.result()[0], run_name) if resumed else {}
+    callback = MlflowTrials(opening.result, data, tags, existing=existing)
     progress = Progress(total, spec.search.metric, spec.search.mode)
+
+    def on_resumed(wave: str, trial_ids: set[str]) -> None:
+        forget_orphans(opening.result()[0], run_name, wave, trial_ids, study_path)
+
     rows = run_waves(
         spec,
         data,
         cells=cells,
         per_cell=spec.search.num_samples,
         run_name=run_name,
-        study_path=sweep_dir(spec, run_name) / "optuna.journal",
+        study_path=study_path,
         callbacks=[callback, progress],
         lease_actor=lease,
         on_wave=on_wave,
+        log=WaveLog(folder),
+        on_resumed=on_resumed,
     )
     tracker, parent = opening.result()
     log_summary(tracker, parent, rows, spec, callback)
@@ -128,13 +138,24 @@ def run_sweep(
     *,
     on_wave: Callable[[int, list[Row]], None] | None = None,
     write_html: bool = True,
+    resume: SweepState | None = None,
 ) -> Outcome:
     """The whole sweep on a connected Ray: the lease actor, the parent run, the attacker or defender
-    search, the summary metrics and the report; the parent run ends FINISHED when a trial finished."""
+    search, the summary metrics and the report; the parent run ends FINISHED when a trial finished.
+    `resume`: continue a sweep whose driver died (its state file, its MLflow runs, Tune's experiment state)."""
     from orchestrator.cache import start_lease_actor
     from orchestrator.tracking import git_sha, version_tags
 
-    run_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = resume.run_name if resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder = sweep_dir(spec, run_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = DriverLock(folder)  # one driver per sweep; a dead driver's lock goes with its process
+    state = resume or SweepState(run_name, spec_file, uri, None, spec_hash(data), "running", time.strftime("%c"))
+    state.status = "running"
+    state.save(folder)
+    if resume is None:  # the spec as run (overrides applied): logged (secrets out), and kept for a resume
+        (folder / "experiment.yaml").write_text(yaml.safe_dump(redacted_spec(data), sort_keys=False))
+        (folder / "spec.json").write_text(json.dumps(data))
     tags = {"git_sha": git_sha(), "sweep": run_name, **version_tags()}
     stage = "defense" if spec.defender is not None else "sweep"
     import ray
@@ -146,12 +167,17 @@ def run_sweep(
     # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
     # which import torch and diffusers in their own processes; the callbacks wait for it on first use.
     pool = ThreadPoolExecutor(max_workers=1)
-    opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file)
+    if resume is not None and resume.parent:
+        opening = pool.submit(reopen_parent, uri, spec, resume.parent, folder)
+    else:
+        opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file)
     pool.shutdown(wait=False)
     status = "FAILED"
     try:
+        state.parent = opening.result()[1]
+        state.save(folder)
         run = run_defense if spec.defender is not None else run_attack
-        rows = run(spec, data, opening, run_name, tags, lease, on_wave)
+        rows = run(spec, data, opening, run_name, tags, lease, on_wave, resume is not None)
         tracker, parent = opening.result()
         ok = any(not r["error"] for r in rows)
         index = None
@@ -168,6 +194,153 @@ def run_sweep(
             tracker, parent = opening.result()
             tracker.end(parent, status)
             tracker.close()
+        state.status = status.lower()
+        state.save(folder)
+        lock.release()
+
+
+@dataclass
+class SweepState:
+    """`sweep.json` in the sweep's folder: what another driver needs to continue it."""
+
+    run_name: str
+    spec_file: str
+    tracking_uri: str
+    parent: str | None  # the MLflow parent run
+    spec_hash: str  # of the spec as run (overrides applied): re-running the same command finds it
+    status: str  # running, finished or failed
+    started: str
+
+    def save(self, folder: Path) -> None:
+        tmp = folder / "sweep.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        tmp.replace(folder / "sweep.json")
+
+    @classmethod
+    def load(cls, folder: Path) -> SweepState:
+        return cls(**json.loads((folder / "sweep.json").read_text()))
+
+
+def redacted_spec(data: dict[str, Any]) -> dict[str, Any]:
+    """The spec with any value that names or holds a secret replaced (it is logged as an artifact)."""
+    from orchestrator.tracking import SECRET_KEY, secret_values
+
+    secrets = secret_values()
+
+    def clean(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v, str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [clean(v, key) for v in node]
+        if isinstance(node, str) and (SECRET_KEY.search(key) or any(s in node for s in secrets)):
+            return "[redacted]"
+        return node
+
+    return clean(data)
+
+
+def spec_hash(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class DriverLock:
+    """An exclusive lock on the sweep's folder while its driver lives (flock: the kernel drops it when the
+    process dies, even by SIGKILL), so a sweep is continued only when its driver is gone."""
+
+    def __init__(self, folder: Path) -> None:
+        import fcntl
+
+        self.fd = os.open(folder / "driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise SpecError(f"sweep {folder.name}: another driver is running it") from None
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+    @staticmethod
+    def held(folder: Path) -> bool:
+        import fcntl
+
+        if not (folder / "driver.lock").exists():
+            return False
+        fd = os.open(folder / "driver.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+def unfinished_sweeps(base: Path, data: dict[str, Any] | None = None) -> list[Path]:
+    """Sweep folders under `base` whose driver died before the end (newest first); with `data`, only
+    those of this very spec."""
+    found = []
+    for state_file in base.glob("*/sweep.json"):
+        try:
+            state = SweepState.load(state_file.parent)
+        except (OSError, ValueError, TypeError):
+            continue
+        if state.status != "running" or DriverLock.held(state_file.parent):
+            continue
+        if data is not None and state.spec_hash != spec_hash(data):
+            continue
+        found.append(state_file.parent)
+    return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
+
+
+def reopen_parent(uri: str, spec: ExperimentSpec, parent: str, folder: Path) -> tuple[Tracker, str]:
+    """The parent run of a sweep another driver started: RUNNING again, and its unwritten writes replayed."""
+    tracker = Tracker(uri, spec.name, wal=folder / "mlflow.wal")
+    tracker.client.update_run(parent, status="RUNNING")
+    return tracker, parent
+
+
+def existing_trial_runs(tracker: Tracker, run_name: str) -> dict[str, tuple[str, int]]:
+    """The trial runs of a sweep in MLflow: trial id -> (run id, last ft_step logged)."""
+    out: dict[str, tuple[str, int]] = {}
+    token = None
+    while True:
+        page = tracker.client.search_runs(
+            [tracker.experiment_id],
+            f"tags.sweep = '{run_name}' and tags.stage = 'trial'",
+            max_results=1000,
+            page_token=token,
+        )
+        for run in page:
+            step = run.data.metrics.get("ft_step")
+            out[run.data.tags["trial_id"]] = (run.info.run_id, int(step) if step is not None else -1)
+        token = page.token
+        if not token:
+            return out
+
+
+def forget_orphans(tracker: Tracker, run_name: str, wave: str, trial_ids: set[str], study_path: Path) -> None:
+    """After a restored wave: MLflow runs (and Optuna trials) of trials the dead driver had started but
+    Tune's last snapshot did not hold; they ran again under new trial ids, so their runs are deleted."""
+    from orchestrator.search import fail_running
+
+    tracker.flush()
+    orphans = [
+        run
+        for run in tracker.client.search_runs(
+            [tracker.experiment_id], f"tags.sweep = '{run_name}' and tags.wave = '{wave}'", max_results=5000
+        )
+        if run.data.tags.get("trial_id") not in trial_ids
+    ]
+    for run in orphans:
+        tracker.client.delete_run(run.info.run_id)
+    failed = fail_running(study_path)
+    if orphans or failed:
+        print(
+            f"[resume] wave {wave}: removed {len(orphans)} MLflow run(s) and closed {failed} Optuna trial(s) of "
+            "trials started after Tune's last snapshot (they ran again under new ids)",
+            flush=True,
+        )
 
 
 # -- the defender --------------------------------------------------------------------------------------
@@ -231,9 +404,12 @@ def run_defense(
     tags: dict[str, str],
     lease: str,
     on_wave: Callable[[int, list[Row]], None] | None = None,
+    resumed: bool = False,
 ) -> list[Row]:
     import optuna
 
+    if resumed:  # refused by the CLI before anything runs; a guard for library callers
+        raise SpecError("resume: continuing a defender sweep is not supported yet (start it again)")
     d = spec.defender
     assert d is not None
     folder = sweep_dir(spec, run_name)
@@ -254,7 +430,7 @@ def run_defense(
         cells: list[Cell] = []
         for j, trial in enumerate(asked):
             c = number + j
-            run = tracker.start_run(
+            run = tracker.start_run_later(
                 f"candidate-{c}",
                 {**tags, "stage": "defender-candidate", "candidate": str(c)},
                 parent=parent,

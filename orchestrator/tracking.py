@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -95,26 +96,61 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """Batched MLflow writes for one experiment. Runs are created synchronously (their ids are needed at
-    once); every other write goes to a background thread that merges what has queued up into one
-    `log_batch` per run, so the driver never waits on the store (`flush()` waits for it)."""
+    """Batched, durable MLflow writes for one experiment.
 
-    def __init__(self, tracking_uri: str, experiment: str, linger_s: float = 1.0) -> None:
+    The sweep's parent run is created synchronously; everything else (trial and candidate runs, params,
+    metrics, tags, artifacts, run ends) is queued and written by a background thread that merges what has
+    queued up into one `log_batch` per run, so the driver never waits on the store (`flush()` waits).
+
+    Nothing is lost when the store is away: every queued write is first appended to a write-ahead log
+    (`wal`, a JSON-lines file in the sweep's folder). If MLflow cannot be reached, the writer keeps the
+    writes there, says so in the log and retries every `retry_s` seconds; when the store answers again it
+    replays them in order and says so. A driver killed meanwhile leaves the log behind, and the next
+    driver of the sweep (`resurgence resume`) replays what was not written. Replays are idempotent: a run
+    is found again by its handle tag, params are written with the same values, and MLflow drops a metric
+    point it already holds (same key, step, value and timestamp)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        linger_s: float = 1.0,
+        wal: Path | None = None,
+        retry_s: float = 5.0,
+    ) -> None:
         from mlflow import MlflowClient
 
+        # A request to an unreachable server fails fast instead of backing off for minutes (MLflow's
+        # default is 7 retries): the writer has its own retry loop, and the sweep never waits on it.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         self.write_seconds = 0.0  # time spent inside MLflow calls (the benchmark reports it)
         self.calls = 0
+        self.errors: list[str] = []
+        self.outages = 0  # times the store was unreachable
+        self.replayed = 0  # writes replayed after an outage or from an earlier driver's log
         with self._timed():
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        self._queue: queue.Queue[tuple[str, str, Any] | None] = queue.Queue()
         self.linger_s = linger_s  # how long the writer lets writes accumulate before a round
+        self.retry_s = retry_s
         self._ids: dict[str, str] = {}  # start_run_later's handles -> run ids, once created
+        self._queue: queue.Queue[tuple[int, str, str, Any] | None] = queue.Queue()
+        self._lock = threading.Lock()  # queue order = log order
+        self._seq = 0
+        self._written = 0  # every write up to this sequence number is in MLflow
+        self.wal = wal
+        pending = self._read_wal() if wal is not None else []
+        if pending:
+            print(f"resurgence: replaying {len(pending)} MLflow writes an earlier driver left in {wal}", flush=True)
+            self.replayed += len(pending)
+            self._seq = max(item[0] for item in pending)
+            for item in pending:
+                self._queue.put(item)
         self._writer = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
         self._writer.start()
-        self.errors: list[str] = []
 
     @contextlib.contextmanager
     def _timed(self) -> Any:
@@ -125,8 +161,10 @@ class Tracker:
             self.write_seconds += time.perf_counter() - start
             self.calls += 1
 
+    # -- what callers do ---------------------------------------------------------------------------
     def start_run(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
-        """Create a run now and return its id (the sweep's parent, defender candidates)."""
+        """Create a run now and return its id (the sweep's parent: a store that cannot be reached at the
+        start is an error the user sees at once)."""
         with self._timed():
             return self.client.create_run(
                 self.experiment_id, tags=self._run_tags(name, tags, parent), run_name=name
@@ -134,46 +172,94 @@ class Tracker:
 
     def start_run_later(self, name: str, tags: dict[str, str], parent: str | None = None) -> str:
         """Queue a run's creation and return a handle that every other method takes in place of its id
-        (trial runs: the driver's event loop never waits on the store). `run_id(handle)` after `flush()`."""
+        (trial and candidate runs: the driver never waits on the store). `run_id(handle)` after `flush()`."""
         handle = f"pending-{uuid.uuid4().hex}"
-        self._queue.put(("create", handle, (name, tags, parent)))
+        self._put("create", handle, (name, {**tags, HANDLE_TAG: handle}, parent))
         return handle
 
     def run_id(self, handle: str) -> str | None:
         return self._ids.get(handle, None if handle.startswith("pending-") else handle)
-
-    def _run_tags(self, name: str, tags: dict[str, str], parent: str | None) -> dict[str, str]:
-        tags = {**tags, "mlflow.runName": name}
-        if parent:
-            tags["mlflow.parentRunId"] = self.run_id(parent) or parent
-        return tags
 
     def log(
         self, run_id: str, params: dict[str, str] | None = None, metrics: list[tuple[str, float, int]] | None = None
     ) -> None:
         now = int(time.time() * 1000)
         clean = [(k, float(v), now, int(step)) for k, v, step in (metrics or []) if finite(v)]
-        self._queue.put(("log", run_id, (dict(params or {}), clean)))
+        self._put("log", run_id, (dict(params or {}), clean))
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self._queue.put(("tags", run_id, dict(tags)))
+        self._put("tags", run_id, dict(tags))
 
     def artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        self._queue.put(("artifact", run_id, (os.fspath(path), artifact_path)))
+        self._put("artifact", run_id, (os.fspath(path), artifact_path))
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self._queue.put(("end", run_id, status))
+        self._put("end", run_id, status)
 
-    def flush(self) -> None:
-        self._queue.join()
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write is in MLflow (at most `timeout_s`); False if some are not."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, timeout_s: float = 600.0) -> None:
+        """Write what is queued and stop the writer; if MLflow stays unreachable for `timeout_s`, leave the
+        rest in the write-ahead log for the next driver of the sweep."""
+        if not self.flush(timeout_s):
+            print(
+                f"resurgence: MLflow still unreachable after {timeout_s:.0f} s; "
+                f"{self._queue.unfinished_tasks} writes stay in {self.wal} (`resurgence resume` replays them)",
+                flush=True,
+            )
+            return
         self._queue.put(None)
         self._writer.join()
 
+    # -- the write-ahead log -------------------------------------------------------------------------
+    def _put(self, kind: str, handle: str, payload: Any) -> None:
+        with self._lock:
+            self._seq += 1
+            item = (self._seq, kind, handle, payload)
+            if self.wal is not None:
+                with open(self.wal, "a") as f:
+                    f.write(json.dumps(item) + "\n")
+            self._queue.put(item)
+
+    def _read_wal(self) -> list[tuple[int, str, str, Any]]:
+        """The writes in the log that were not confirmed written (a line cut short by a kill is dropped)."""
+        if self.wal is None or not self.wal.is_file():
+            return []
+        items, written = [], 0
+        for line in self.wal.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):  # {"written": seq}: everything up to seq is in MLflow
+                written = max(written, int(record["written"]))
+            else:
+                items.append(tuple(record))
+        return [item for item in items if item[0] > written]  # type: ignore[misc]
+
+    def _confirm(self, seq: int) -> None:
+        """Everything up to `seq` is in MLflow: note it, and start the log afresh when nothing is pending."""
+        self._written = seq
+        if self.wal is None:
+            return
+        with self._lock:
+            if self._seq == seq:
+                self.wal.write_text("")
+            else:
+                with open(self.wal, "a") as f:
+                    f.write(json.dumps({"written": seq}) + "\n")
+
+    # -- the writer thread -----------------------------------------------------------------------------
     def _drain(self) -> None:
-        while True:
+        stop = False
+        while not stop:
             item = self._queue.get()
             if item is None:
                 self._queue.task_done()
@@ -187,42 +273,81 @@ class Tracker:
                 except queue.Empty:
                     break
                 if more is None:
-                    self._queue.put(None)
+                    stop = True
                     self._queue.task_done()
                     break
                 batch.append(more)
-            try:
-                self._write(batch)
-            except Exception as err:  # a store error must not kill the writer (or the sweep)
-                self.errors.append(f"{type(err).__name__}: {err}")
-                print(f"resurgence: MLflow write failed: {self.errors[-1]}", flush=True)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            self._write_until_done(batch)
+            for _ in batch:
+                self._queue.task_done()
 
-    def _write(self, batch: list[tuple[str, str, Any]]) -> None:
+    def _write_until_done(self, batch: list[tuple[int, str, str, Any]]) -> None:
+        done: set[int] = set()  # writes of this round that succeeded (a retry skips them)
+        down_since: float | None = None
+        while True:
+            try:
+                self._write(batch, done, retry=down_since is not None)
+                break
+            except Exception as err:  # a store error must not kill the writer (or the sweep)
+                message = f"{type(err).__name__}: {first_line(err)}"
+                if not unreachable(err):
+                    self.errors.append(message)
+                    print(f"resurgence: MLflow write failed, skipped: {message}", flush=True)
+                    break
+                if down_since is None:
+                    down_since = time.monotonic()
+                    self.outages += 1
+                    where = f"kept in {self.wal}" if self.wal is not None else "kept in memory"
+                    print(
+                        f"resurgence: MLflow is unreachable ({message}); the sweep goes on, its writes are "
+                        f"{where}, retrying every {self.retry_s:g} s",
+                        flush=True,
+                    )
+                time.sleep(self.retry_s)
+                while True:  # what queued meanwhile joins this round (in order), so it replays with it
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._queue.put(None)
+                        self._queue.task_done()
+                        break
+                    batch.append(more)
+        if down_since is not None:
+            self.replayed += len(batch)
+            print(
+                f"resurgence: MLflow is reachable again after {time.monotonic() - down_since:.0f} s; replayed "
+                f"{len(batch)} writes, nothing lost",
+                flush=True,
+            )
+        self._confirm(max(item[0] for item in batch))
+
+    def _write(self, batch: list[tuple[int, str, str, Any]], done: set[int], retry: bool) -> None:
         """One round of writes: queued runs are created, then each run's params, metrics and tags go in as
         few `log_batch` calls as MLflow's limits allow, then artifacts and run ends, in queue order."""
         from mlflow.entities import Metric, Param, RunTag
 
-        params: dict[str, dict[str, str]] = {}
-        metrics: dict[str, list[Metric]] = {}
-        tags: dict[str, dict[str, str]] = {}
         with self._timed():
-            for kind, handle, payload in batch:
-                if kind == "create":
-                    name, run_tags, parent = payload
-                    run = self.client.create_run(
-                        self.experiment_id, tags=self._run_tags(name, run_tags, parent), run_name=name
-                    )
-                    self._ids[handle] = run.info.run_id
-                elif kind == "log":
+            for seq, kind, handle, payload in batch:
+                if kind == "create" and seq not in done:
+                    self._create(handle, *payload, lookup=retry or self.replayed > 0)
+                    done.add(seq)
+            params: dict[str, dict[str, str]] = {}
+            metrics: dict[str, list[Metric]] = {}
+            tags: dict[str, dict[str, str]] = {}
+            groups: dict[str, list[int]] = {}
+            for seq, kind, handle, payload in batch:
+                if seq in done or kind not in ("log", "tags"):
+                    continue
+                groups.setdefault(handle, []).append(seq)
+                if kind == "log":
                     params.setdefault(handle, {}).update(payload[0])
                     metrics.setdefault(handle, []).extend(Metric(k, v, ts, st) for k, v, ts, st in payload[1])
-                elif kind == "tags":
+                else:
                     tags.setdefault(handle, {}).update(payload)
-            for handle in dict.fromkeys([*params, *metrics, *tags]):
-                run_id = self.run_id(handle)
+            for handle, seqs in groups.items():
+                run_id = self._resolve(handle)
                 plist = [Param(k, v) for k, v in params.get(handle, {}).items()]
                 mlist = metrics.get(handle, [])
                 tlist = [RunTag(k, v) for k, v in tags.get(handle, {}).items()]
@@ -232,11 +357,64 @@ class Tracker:
                     m, mlist = mlist[:room], mlist[room:]
                     t, tlist = tlist[: room - len(m)], tlist[room - len(m) :]
                     self.client.log_batch(run_id, metrics=m, params=p, tags=t)
-            for kind, handle, payload in batch:
+                done.update(seqs)
+            for seq, kind, handle, payload in batch:
+                if seq in done:
+                    continue
                 if kind == "artifact":
-                    self.client.log_artifact(self.run_id(handle), payload[0], payload[1])
+                    if Path(payload[0]).is_file():  # a trial's file on this machine (not on a worker node)
+                        self.client.log_artifact(self._resolve(handle), payload[0], payload[1])
                 elif kind == "end":
-                    self.client.set_terminated(self.run_id(handle), payload)
+                    self.client.set_terminated(self._resolve(handle), payload)
+                done.add(seq)
+
+    def _create(self, handle: str, name: str, tags: dict[str, str], parent: str | None, lookup: bool) -> None:
+        if handle in self._ids:
+            return
+        if lookup:  # a write that may have reached the store before it failed, or before a driver died
+            found = self.client.search_runs([self.experiment_id], f"tags.`{HANDLE_TAG}` = '{handle}'", max_results=1)
+            if found:
+                self._ids[handle] = found[0].info.run_id
+                return
+        run = self.client.create_run(self.experiment_id, tags=self._run_tags(name, tags, parent), run_name=name)
+        self._ids[handle] = run.info.run_id
+
+    def _resolve(self, handle: str) -> str:
+        """The run id of a handle; one created by an earlier driver is found by its tag."""
+        run_id = self.run_id(handle)
+        if run_id is None:
+            found = self.client.search_runs([self.experiment_id], f"tags.`{HANDLE_TAG}` = '{handle}'", max_results=1)
+            if not found:
+                raise LookupError(f"no MLflow run for {handle}")
+            run_id = self._ids[handle] = found[0].info.run_id
+        return run_id
+
+    def _run_tags(self, name: str, tags: dict[str, str], parent: str | None) -> dict[str, str]:
+        tags = {**tags, "mlflow.runName": name}
+        if parent:
+            tags["mlflow.parentRunId"] = self._resolve(parent) if parent.startswith("pending-") else parent
+        return tags
+
+
+HANDLE_TAG = "resurgence.handle"  # a queued run's handle, so a replay finds the run instead of making another
+
+
+def unreachable(err: BaseException) -> bool:
+    """An error that says the store is away (connection refused, timed out, 5xx, SQLite busy), not that a
+    write was wrong: such writes are kept and retried."""
+    import requests
+
+    if isinstance(err, OSError | requests.exceptions.RequestException | TimeoutError):
+        return True
+    text = str(err)
+    signs = ("Max retries exceeded", "Connection refused", "Connection aborted", "timed out", "Read timed out")
+    signs += ("database is locked", "503", "502", "504", "RemoteDisconnected", "ConnectionError")
+    return any(s in text for s in signs)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def finite(v: Any) -> bool:
@@ -247,7 +425,12 @@ def finite(v: Any) -> bool:
 class MlflowTrials(Callback):
     """A Ray Tune callback that mirrors every trial into a child run of the sweep's parent run (or of its
     defender candidate's run). `sweep()` gives the tracker and the parent run id; it may block until MLflow
-    is set up. Per-trial state is dropped when the trial ends, so memory stays bounded over waves."""
+    is set up. Per-trial state is dropped when the trial ends, so memory stays bounded over waves.
+
+    Exactly one run per trial, whatever happens to it: a trial that Tune retries (it raised, its worker
+    died) keeps its run, and so does one that a resumed sweep runs again (`existing`: the runs an earlier
+    driver made, by trial id). A report whose `ft_step` the run already holds is not logged again, so a
+    trial that continues from a checkpoint, or starts over, never writes a step twice."""
 
     def __init__(
         self,
@@ -255,15 +438,21 @@ class MlflowTrials(Callback):
         spec_data: dict[str, Any],
         tags: dict[str, str],
         parents: dict[Any, str] | None = None,
+        existing: dict[str, tuple[str, int]] | None = None,
     ):
         self.sweep = sweep
         self.spec_data = spec_data
         self.tags = tags
         self.parents = parents if parents is not None else {}  # config "_candidate" value -> its run id
-        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self.wave = ""  # the Tuner run (wave) the trials belong to; run_waves sets it
+        self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id (or the tracker's handle)
+        self.existing = dict(existing or {})  # trial id -> (run id, last logged ft_step), earlier drivers'
+        self.steps: dict[str, int] = {}  # trial id -> the last ft_step its run holds
+        self.seen: set[str] = set()  # trials this driver has run (a resumed wave's orphans are the others)
         self.logged_once: set[str] = set()
         self.artifacts: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
+        self.outcome: dict[str, str] = {}
         self.cache_counts: dict[str, int] = {}  # erase cache outcomes: miss / hit / memo
 
     def __getstate__(self) -> dict[str, Any]:
@@ -272,14 +461,21 @@ class MlflowTrials(Callback):
         return {**self.__dict__, "sweep": None}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in self.runs:  # a restarted trial keeps its run
+        self.seen.add(trial.trial_id)
+        if trial.trial_id in self.runs:  # a retried trial keeps its run
             return
         tracker, parent_id = self.sweep()
+        if trial.trial_id in self.existing:  # run by an earlier driver of this sweep: the same run goes on
+            run_id, step = self.existing.pop(trial.trial_id)
+            self.runs[trial.trial_id], self.steps[trial.trial_id] = run_id, step
+            self.logged_once.add(trial.trial_id)
+            return
         candidate = trial.config.get("_candidate")
         resolved = resolved_config(trial_spec(self.spec_data, trial.config))
         run_tags = {
             **self.tags,
             "trial_id": trial.trial_id,
+            "wave": self.wave,
             "method": resolved["erase"]["method"],
             "concept": resolved["concept"]["name"],
             "model": resolved["model"]["name"],
@@ -292,14 +488,17 @@ class MlflowTrials(Callback):
             f"trial-{trial.trial_id}", run_tags, parent=self.parents.get(candidate, parent_id)
         )
         self.runs[trial.trial_id] = run_id
-        tracker.log(run_id, params=flatten(resolved))
+        tracker.log(run_id, params=redact(flatten(resolved)))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.runs.get(trial.trial_id)
         if run_id is None or "ft_step" not in result:
             return
         step = int(result["ft_step"])
-        batch = [(k, result[k], step) for k in CURVE_METRICS if k in result]
+        if step <= self.steps.get(trial.trial_id, -1):
+            return  # the run holds this step already (a retried or resumed trial repeats its early reports)
+        self.steps[trial.trial_id] = step
+        batch = [(k, result[k], step) for k in (*CURVE_METRICS, "ft_step") if k in result]
         tracker = self.sweep()[0]
         if trial.trial_id not in self.logged_once:
             batch += [(k, result[k], 0) for k in ONCE_METRICS if k in result]
@@ -307,12 +506,15 @@ class MlflowTrials(Callback):
             if "erase_cache" in result:
                 tracker.set_tags(run_id, {"erase_cache": str(result["erase_cache"])})
                 self.cache_counts[result["erase_cache"]] = self.cache_counts.get(result["erase_cache"], 0) + 1
+        if result.get("diverged"):
+            batch.append(("diverged", 1.0, step))
+            self.outcome[trial.trial_id] = "diverged"
         tracker.log(run_id, metrics=batch)
         self.last[trial.trial_id] = {k: result[k] for k in TIMING_METRICS if k in result}
         if "samples_png" in result:
             self.artifacts[trial.trial_id] = result["samples_png"]
 
-    def _close(self, trial: Any, status: str) -> None:
+    def _close(self, trial: Any, outcome: str) -> None:
         run_id = self.runs.pop(trial.trial_id, None)
         if run_id is None:
             return
@@ -320,16 +522,49 @@ class MlflowTrials(Callback):
         last = self.last.pop(trial.trial_id, {})
         tracker.log(run_id, metrics=[(k, v, 0) for k, v in last.items()])
         png = self.artifacts.pop(trial.trial_id, None)
-        if png and Path(png).is_file():
+        if png:
             tracker.artifact(run_id, png)
-        tracker.end(run_id, status)
+        outcome = self.outcome.pop(trial.trial_id, outcome)
+        tracker.set_tags(run_id, {"outcome": outcome})
+        tracker.end(run_id, "FINISHED" if outcome == "completed" else "FAILED")
         self.logged_once.discard(trial.trial_id)
+        self.steps.pop(trial.trial_id, None)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tracker = self.sweep()[0]
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:  # Tune runs it again (from its last checkpoint, if any): say so on the run
+            retries = int(getattr(trial, "num_failures", 0))
+            tracker.set_tags(run_id, {"retries": str(retries)})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FINISHED")
+        self._close(trial, "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "FAILED")
+        self._close(trial, "error")
+
+
+# A name (an environment variable, a config key) that says its value is a secret: HF_TOKEN,
+# AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, api_key, ... (whole words: UCE's `tokens` is not one).
+SECRET_KEY = re.compile(
+    r"(^|[_.-])(token|secret|password|passwd|api[_-]?key|access[_-]?key|credentials?)($|[_.-])", re.I
+)
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables whose names say they are secrets (tokens, keys, passwords)."""
+    return [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 6]
+
+
+def redact(params: dict[str, str]) -> dict[str, str]:
+    """Params with secrets taken out: a key that names a secret, or a value that holds an environment
+    secret's value, is logged as "[redacted]" (a spec or a model path may carry a token)."""
+    secrets = secret_values()
+    out = {}
+    for key, value in params.items():
+        hidden = SECRET_KEY.search(key.rsplit(".", 1)[-1]) or any(secret in value for secret in secrets)
+        out[key] = "[redacted]" if hidden else value
+    return out
 
 
 class Progress(Callback):
@@ -374,6 +609,9 @@ class Progress(Callback):
                 return  # nothing new since the last line
             self.last_print, self.last_line = now, line
             print(line, file=self.out or sys.stdout, flush=True)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._maybe_print()  # Tune's loop turns several times a second: a line every every_s, even between results
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)

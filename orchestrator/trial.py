@@ -19,6 +19,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,14 +48,14 @@ from methods.evaluate import (
     save_grid,
     save_probe,
 )
-from methods.finetune import finetune
+from methods.finetune import Distributed, Diverged, Finetuner
 from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
 from orchestrator.cache import EraseCache, content_key, open_cache
 from orchestrator.spec import ExperimentSpec, check_components, resolved_config, trial_spec
 
 log = logging.getLogger("resurgence.trial")
 
-Report = Callable[[dict[str, Any]], None]
+Report = Callable[..., None]  # report(metrics) or report(metrics, checkpoint_folder)
 
 # Reported every evaluation, as metric histories over `ft_step`; and once per trial.
 # Covariates (RESEARCH.md section 4): erase_distance = ||theta_erased - theta_base||, ft_distance =
@@ -240,11 +243,20 @@ def get_erased(spec: ExperimentSpec, configs: dict[str, Any], warm: Warm, cache:
 
 
 def execute_trial(
-    spec: ExperimentSpec, report: Report, artifact_dir: Path, cache: EraseCache | None = None
+    spec: ExperimentSpec,
+    report: Report,
+    artifact_dir: Path,
+    cache: EraseCache | None = None,
+    *,
+    resume: Path | None = None,
+    distributed: Distributed | None = None,
 ) -> dict[str, Any]:
     """Run one trial and return its last report. With `cache`, erased models come from (and go to) the
-    run's erase cache."""
+    run's erase cache. With `failure.checkpoint_every`, every such step's report also carries a checkpoint
+    folder (`report(metrics, folder)`), and `resume` continues from one. `distributed`: this process is one
+    rank of a DeepSpeed fine-tune; rank 0 evaluates, every rank reports (Ray Train keeps rank 0's)."""
     started, cpu_started = time.perf_counter(), time.process_time()
+    rank0 = distributed is None or distributed.rank == 0
     configs = check_components(spec)
     warm = warm_state(spec, configs, cache)
     concepts = _concepts(spec)
@@ -266,17 +278,19 @@ def execute_trial(
     grid = artifact_dir / "samples.png"
     names = [c.name for c in concepts]
 
-    def metrics(step: int, ev: Evaluation | None, loss: float) -> dict[str, Any]:
+    def metrics(step: int, ev: Evaluation | None, loss: float, current: DiffusionModel | None) -> dict[str, Any]:
+        """A report; `current` is the model now (None on the ranks that do not evaluate)."""
         out: dict[str, Any] = {"ft_step": step, "ft_loss": loss}
         if ev is not None:  # the full evaluation ran at this step
             p = ev.presence[erased_name]
             out |= {"presence": p, "resurgence": p - once["presence_erased"], "retention": ev.retention(erased_name)}
-        if warm.probe is not None:
-            now = stage.probe_loss if step == 0 else probe_loss(model, warm.probe)
-            out["resurgence_proxy"] = proxy_resurgence(now, stage.probe_loss, warm.probe_loss)
+        if current is not None:
+            if warm.probe is not None:
+                now = stage.probe_loss if step == 0 else probe_loss(current, warm.probe)
+                out["resurgence_proxy"] = proxy_resurgence(now, stage.probe_loss, warm.probe_loss)
+            out["ft_distance"] = weight_distance(current, stage.model)
         return {
             **out,
-            "ft_distance": weight_distance(model, stage.model),
             **once,
             "erase_cache": stage.cache,
             "samples_png": str(grid),
@@ -285,7 +299,8 @@ def execute_trial(
         }
 
     rows = [("base", [warm.base.samples[n] for n in names]), ("erased", [erased.samples[n] for n in names])]
-    save_grid(rows, names, grid)
+    if rank0:
+        save_grid(rows, names, grid)
 
     # Stage 3: fine-tune, round after round, evaluating every eval_every steps (step 0 is the erased model).
     ctx = DataContext(
@@ -301,33 +316,104 @@ def execute_trial(
     }
     pixel_sets = [d.pixels for d in data.values()]
     once["data_closeness"] = data_closeness(warm.detector, pixel_sets, warm.base.embeddings[erased_name])
-    last = metrics(0, erased, float("nan"))
-    report(last)
-    offset = 0  # fine-tuning steps of the earlier rounds: ft_step keeps growing across rounds
+    last = metrics(0, erased, float("nan"), model if rank0 else None)
+    state = json.loads((resume / "trial.json").read_text()) if resume is not None else None
+    if state is None:
+        report(last)
+    else:  # a restarted trial: what it reported up to its checkpoint is already known
+        last = {**last, **state["last"]}
+        log.info("trial continues from its checkpoint at ft_step %d", state["ft_step"])
     ft_cfg = configs["finetune"]
+    every_ckpt = spec.failure.checkpoint_every
+    offset = 0  # fine-tuning steps of the earlier rounds: ft_step keeps growing across rounds
+    tuner: Finetuner | None = None
 
     def on_eval(step: int, loss: float) -> None:
         nonlocal last
+        inject_fault(offset + step, artifact_dir)
         full = spec.evaluate.full == "every" or step == ft_cfg.steps
-        ev = evaluate(model, warm.detector, concepts, configs["evaluate"]) if full else None
+        with tuner.current_model() as current:  # type: ignore[union-attr]  # ZeRO-3: every rank gathers
+            ev = evaluate(current, warm.detector, concepts, configs["evaluate"]) if full and current else None
+            last = metrics(offset + step, ev, loss, current)
         if ev is not None:
             save_grid([*rows, (f"ft {offset + step}", [ev.samples[n] for n in names])], names, grid)
-        last = metrics(offset + step, ev, loss)
-        report(last)
+        if every_ckpt and (offset + step) % every_ckpt == 0 and (offset + step) < ft_cfg.steps * spec.finetune.rounds:
+            with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
+                tuner.save(Path(folder) / "finetune")  # type: ignore[union-attr]
+                if rank0:
+                    trial_state = {"round": r, "ft_step": offset + step, "last": _plain(last)}
+                    (Path(folder) / "trial.json").write_text(json.dumps(trial_state))
+                report(last, Path(folder))  # the checkpoint is persisted before report returns
+        else:
+            report(last)
 
     for r, (choice, _) in enumerate(spec.finetune.round_datasets()):
+        if state is not None and r < state["round"]:
+            offset += ft_cfg.steps  # done before the checkpoint; its weights are in the checkpoint
+            continue
         round_cfg = ft_cfg.model_copy(update={"seed": ft_cfg.seed + r})  # a fresh data order per round
-        finetune(model, data[choice], round_cfg, every=spec.finetune.eval_every, callback=on_eval)
+        tuner = Finetuner(model, data[choice], round_cfg, distributed)
+        if state is not None and r == state["round"]:
+            tuner.load(resume / "finetune")  # type: ignore[operator]
+        try:
+            tuner.run(every=spec.finetune.eval_every, callback=on_eval)
+        except Diverged as err:  # not a crash: the trial ends here, its outcome recorded
+            log.warning("trial ends: %s", err)
+            last = {**last, "ft_step": offset + err.step, "ft_loss": err.loss, "diverged": 1.0}
+            report(last)
+            return last
         offset += ft_cfg.steps
     return last
 
 
+def inject_fault(step: int, trial_dir: Path) -> None:
+    """Fault injection for recovery tests: $RESURGENCE_FAULTS is JSON such as {"raise_at": 10} (raise an
+    error) or {"kill_at": 10} (SIGKILL this worker process) when a trial reaches that fine-tuning step, once
+    per trial (a marker file in the trial's folder remembers it), optionally only for trials whose folder
+    name contains "only". Unset in normal runs: nothing happens."""
+    faults = os.environ.get("RESURGENCE_FAULTS")
+    if not faults:
+        return
+    plan = json.loads(faults)
+    marker = trial_dir / ".fault-injected"
+    if marker.exists() or plan.get("only", "") not in trial_dir.name:
+        return
+    if step == plan.get("raise_at"):
+        marker.write_text("raise")
+        raise RuntimeError(f"injected fault at ft_step {step} (RESURGENCE_FAULTS)")
+    if step == plan.get("kill_at"):
+        marker.write_text("kill")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of a report (numbers and text)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
+
+
 def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_actor: str | None = None) -> None:
-    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path."""
+    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path. A
+    distributed trial runs its fine-tune as a Ray Train job (`distributed_trial`)."""
     from ray import tune
 
     spec = trial_spec(spec_data, config)
-    execute_trial(spec, tune.report, Path(tune.get_context().get_trial_dir()), worker_cache(spec, lease_actor))
+    if spec.distributed is not None:
+        from orchestrator.distributed import distributed_trial
+
+        distributed_trial(spec, config, spec_data, lease_actor)
+        return
+
+    def report(metrics: dict[str, Any], folder: Path | None = None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor))
+        return
+    with checkpoint.as_directory() as folder:
+        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor), resume=Path(folder))
 
 
 _CACHE: dict[tuple[str, str | None], EraseCache] = {}

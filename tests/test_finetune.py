@@ -73,3 +73,50 @@ def test_finetune_sdxl_text_encoders(tiny_sdxl):
     before = state(tiny_sdxl.pipe.text_encoder_2)
     finetune(tiny_sdxl, _data(tiny_sdxl), FinetuneConfig(trainable="text_encoder", steps=2, lr=1e-2))
     assert changed(before, tiny_sdxl.pipe.text_encoder_2)
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_a_fine_tune_stopped_and_continued_elsewhere_ends_where_an_unbroken_one_does(tmp_path, tiny_sd, trainable):
+    """save() at step 3, load() into a fresh copy of the model (another process after a crash), run on to
+    step 6: the same losses and the same weights as six steps in one go (data order, noise, optimizer)."""
+    import copy
+
+    from methods.finetune import Finetuner
+
+    cfg = FinetuneConfig(trainable=trainable, steps=6, lr=1e-3, batch_size=3, seed=4)
+    fresh = copy.deepcopy(tiny_sd)
+    data = _data(tiny_sd, n=5)  # batches wrap around the shuffled epoch: the cursor and order are state too
+    whole = Finetuner(tiny_sd, data, cfg).run()
+
+    torch.manual_seed(123)  # LoRA's initial draw differs: the checkpoint's values must replace it
+    first = Finetuner(copy.deepcopy(fresh), data, cfg)
+    seen: list[int] = []
+
+    def stop_at_3(step, loss):
+        seen.append(step)
+        if step == 3:
+            first.save(tmp_path / "ckpt")
+            raise KeyboardInterrupt  # the worker dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(every=3, callback=stop_at_3)
+    resumed_model = copy.deepcopy(fresh)
+    second = Finetuner(resumed_model, data, cfg)
+    second.load(tmp_path / "ckpt")
+    rest = second.run()
+    assert rest.losses == pytest.approx(whole.losses, rel=1e-6, abs=1e-7) and len(rest.losses) == 6
+    for (name, a), (_, b) in zip(
+        tiny_sd.effective_weights().items(), resumed_model.effective_weights().items(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_diverging_fine_tune_stops_with_diverged(tiny_sd):
+    """A loss that is no longer finite ends the fine-tune with Diverged (the step and the loss), not with
+    nan weights trained on."""
+    from methods.finetune import Diverged
+
+    cfg = FinetuneConfig(trainable="full", optimizer="sgd", lr=1.0, steps=50, max_grad_norm=None)
+    with pytest.raises(Diverged) as caught:
+        finetune(tiny_sd, _data(tiny_sd), cfg)
+    assert 1 <= caught.value.step <= 50 and not torch.isfinite(torch.tensor(caught.value.loss))
