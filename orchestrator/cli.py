@@ -102,6 +102,10 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
     remote = "://" in storage and not storage.startswith("file://")
     data["storage_path"] = storage if remote else os.path.abspath(os.path.expanduser(storage.removeprefix("file://")))
     data["cache_dir"] = os.path.abspath(os.path.expanduser(data.get("cache_dir", spec.cache_dir)))
+    if spec.distributed is not None:  # trials on other nodes get the DeepSpeed config itself, not a path
+        from orchestrator.spec import deepspeed_config
+
+        data["distributed"] = {**data["distributed"], "deepspeed": deepspeed_config(spec.distributed.deepspeed)}
     spec = parse_spec(data)
     if remote:
         from pyarrow import fs

@@ -367,22 +367,30 @@ def run_waves(
     done = log.done() if log is not None else {}
     orders = wave_orders(len(cells), per_cell, spec.search.wave_size)
     for w, order in enumerate(orders):
-        name = run_name if len(orders) == 1 else f"{run_name}-wave{w:03d}"
-        if name in done:
-            rows += done[name]
+        name = key = run_name if len(orders) == 1 else f"{run_name}-wave{w:03d}"
+        if key in done:
+            rows += done[key]
             continue
         for cb in callbacks:
             if hasattr(cb, "wave"):
                 cb.wave = name
         path = experiment_path(spec.storage_path, name)
-        restored = log is not None and tune.Tuner.can_restore(path)
-        if restored:
+        tuner, restored, abandoned = None, False, None
+        if log is not None and tune.Tuner.can_restore(path):
             print(f"[resume] wave {name}: restoring Tune's experiment state from {path}", flush=True)
-            tuner = tune.Tuner.restore(path, tune_trainable, resume_errored=True)
-            # The restored Tuner comes back with pickled copies of the callbacks from when the wave began;
-            # this driver's own callbacks (its MLflow connection, its rows) take their place.
-            tuner._local_tuner.get_run_config().callbacks = [collector, *callbacks, _json_logger()]
-        else:
+            try:
+                tuner = tune.Tuner.restore(path, tune_trainable, resume_errored=True)
+                restored = True
+                # The restored Tuner comes back with pickled copies of the callbacks from when the wave
+                # began; this driver's own callbacks (its MLflow connection, its rows) take their place.
+                tuner._local_tuner.get_run_config().callbacks = [collector, *callbacks, _json_logger()]
+            except (OSError, ValueError, RuntimeError) as err:  # killed before Tune wrote its state
+                print(f"[resume] wave {name}: cannot restore ({err}); running it again", flush=True)
+                abandoned, name = name, f"{name}-again"
+                for cb in callbacks:
+                    if hasattr(cb, "wave"):
+                        cb.wave = name
+        if tuner is None:
             tuner = build_tuner(
                 spec,
                 spec_data,
@@ -401,10 +409,12 @@ def run_waves(
             wave_rows = rows_from_results(grid)
             if on_resumed is not None:
                 on_resumed(name, {r["trial"] for r in wave_rows})
+        elif abandoned is not None and on_resumed is not None:
+            on_resumed(abandoned, set())  # every run the dead driver started in that wave is an orphan
         del grid
         rows += wave_rows
         if log is not None:
-            log.record(name, wave_rows)
+            log.record(key, wave_rows)
         if on_wave is not None:
             on_wave(w, wave_rows)
     return rows

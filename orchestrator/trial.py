@@ -322,7 +322,7 @@ def execute_trial(
         report(last)
     else:  # a restarted trial: what it reported up to its checkpoint is already known
         last = {**last, **state["last"]}
-        log.info("trial continues from its checkpoint at ft_step %d", state["ft_step"])
+        print(f"resurgence: trial continues from its checkpoint at ft_step {state['ft_step']}", flush=True)
     ft_cfg = configs["finetune"]
     every_ckpt = spec.failure.checkpoint_every
     offset = 0  # fine-tuning steps of the earlier rounds: ft_step keeps growing across rounds
