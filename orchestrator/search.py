@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import pickle
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,19 +156,25 @@ class CellSearch(Searcher):
             self.subs[i].on_trial_complete(trial_id, result, error)
 
     # Tune snapshots its searcher with the experiment state (for Tuner.restore): where the wave is, and
-    # each cell's searcher (whose study also lives in the journal file).
+    # each cell's searcher (whose study also lives in the journal file), all in the one file Tune names
+    # (it writes a temporary name and renames it: files of our own beside it would be left behind).
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"next": self.next, "trial_cell": self.trial_cell}, f)
+        cells = {}
         for i, sub in self.subs.items():
-            sub.save(f"{checkpoint_path}.cell{i}")
+            with tempfile.TemporaryDirectory() as folder:
+                sub.save(f"{folder}/cell")
+                cells[i] = Path(f"{folder}/cell").read_bytes()
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"next": self.next, "trial_cell": self.trial_cell, "cells": cells}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)  # written by save() above, in this sweep's own folder
         self.next, self.trial_cell = state["next"], state["trial_cell"]
         for i, sub in self.subs.items():
-            sub.restore(f"{checkpoint_path}.cell{i}")
+            with tempfile.TemporaryDirectory() as folder:
+                Path(f"{folder}/cell").write_bytes(state["cells"][i])
+                sub.restore(f"{folder}/cell")
 
 
 def wave_orders(n_cells: int, per_cell: int, wave_size: int | None) -> list[list[int]]:
@@ -193,8 +200,6 @@ def build_tuner(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from orchestrator.trial import tune_trainable
-
     s = spec.search
     searcher = CellSearch(
         cells,
@@ -215,16 +220,10 @@ def build_tuner(
             grace_period=s.scheduler.grace_period or spec.finetune.eval_every,
             reduction_factor=s.scheduler.reduction_factor,
         )
-    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     concurrent = s.max_concurrent_trials
-    if spec.distributed is not None:
-        # The trial's own process only waits for its Ray Train job, whose workers hold the resources; run
-        # as many trials at once as there are worker groups' worth of resources.
-        resources = {"cpu": 0, "gpu": 0}
+    if spec.distributed is not None:  # as many trials at once as there are worker groups' worth of resources
         concurrent = concurrent or distributed_slots(spec)
-    trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor), resources
-    )
+    trainable = make_trainable(spec, spec_data, lease_actor)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -243,6 +242,20 @@ def build_tuner(
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
+    )
+
+
+def make_trainable(spec: ExperimentSpec, spec_data: dict[str, Any], lease_actor: str | None) -> Any:
+    """The Tune trainable of a sweep's trials (the same for a fresh wave and a restored one)."""
+    from ray import tune
+
+    from orchestrator.trial import tune_trainable
+
+    resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    if spec.distributed is not None:  # the trial's own process only waits: its Ray Train workers hold resources
+        resources = {"cpu": 0, "gpu": 0}
+    return tune.with_resources(
+        tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor), resources
     )
 
 
@@ -357,8 +370,6 @@ def run_waves(
     after the trials the dead driver had started but Tune had not recorded)."""
     from ray import tune
 
-    from orchestrator.trial import tune_trainable
-
     # Tune's own per-trial files: JSON results only (the result grid reads them back). Its automatic
     # loggers would add CSV and TensorBoard files too, written by the driver for every result.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
@@ -379,7 +390,7 @@ def run_waves(
         if log is not None and tune.Tuner.can_restore(path):
             print(f"[resume] wave {name}: restoring Tune's experiment state from {path}", flush=True)
             try:
-                tuner = tune.Tuner.restore(path, tune_trainable, resume_errored=True)
+                tuner = tune.Tuner.restore(path, make_trainable(spec, spec_data, lease_actor), resume_errored=True)
                 restored = True
                 # The restored Tuner comes back with pickled copies of the callbacks from when the wave
                 # began; this driver's own callbacks (its MLflow connection, its rows) take their place.

@@ -369,13 +369,16 @@ def execute_trial(
 def inject_fault(step: int, trial_dir: Path) -> None:
     """Fault injection for recovery tests: $RESURGENCE_FAULTS is JSON such as {"raise_at": 10} (raise an
     error) or {"kill_at": 10} (SIGKILL this worker process) when a trial reaches that fine-tuning step, once
-    per trial (a marker file in the trial's folder remembers it), optionally only for trials whose folder
-    name contains "only". Unset in normal runs: nothing happens."""
+    per trial (a marker file in the folder "markers" remembers it), optionally only for trials whose folder
+    name contains "only" (Tune names it tune_trainable_<id>_<index>_<values>...: "_1_" is the first trial).
+    Unset in normal runs: nothing happens."""
     faults = os.environ.get("RESURGENCE_FAULTS")
     if not faults:
         return
     plan = json.loads(faults)
-    marker = trial_dir / ".fault-injected"
+    # Markers live in plan["markers"] (a folder that outlives the worker: Tune may give a restarted trial a
+    # fresh local folder), one per trial folder name.
+    marker = Path(plan.get("markers", trial_dir)) / f"{trial_dir.name}.fault-injected"
     if marker.exists() or plan.get("only", "") not in trial_dir.name:
         return
     if step == plan.get("raise_at"):
