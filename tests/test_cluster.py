@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -61,7 +62,7 @@ def test_ray_job_submit_to_a_ray_head_with_an_mlflow_server(tmp_path, server_env
             text=True,
             timeout=60,
         )
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert "job 'smoke-job' succeeded" in (status.stdout + status.stderr).lower()
 
         client = MlflowClient(mlflow_server.uri)
         exp = client.get_experiment_by_name("smoke")
@@ -89,8 +90,17 @@ def test_ray_job_submit_to_a_ray_head_with_an_mlflow_server(tmp_path, server_env
     finally:
         head.stop()
         mlflow_server.stop()
-    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
-    assert not left.stdout.strip(), f"processes left behind: {left.stdout}"
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if (
+                str(tmp_path) in " ".join(proc.info["cmdline"] or [])
+                or proc.environ().get("RAY_TMPDIR") == env["RAY_TMPDIR"]
+            ):
+                left.append(proc.info)
+        except psutil.Error:
+            continue
+    assert not left, f"processes left behind: {left}"
 
 
 def test_an_mlflow_server_down_for_a_minute_loses_no_metric(tmp_path, server_env):
