@@ -87,6 +87,7 @@ def _positive_int(text: str) -> int:
 
 def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], str]:
     """Everything checked before compute: the spec with CLI overrides, paths, the tracking URI."""
+    from orchestrator.search import DRIVER_CPU
     from orchestrator.tracking import check_tracking_uri, default_tracking_uri
 
     spec, data = load_spec(args.spec)
@@ -122,10 +123,11 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
     if args.address and args.num_cpus:
         raise SpecError("--num-cpus: sizes a local Ray only; a cluster's CPUs are its own (drop it with --address)")
     workers = spec.distributed.workers if spec.distributed is not None else 1  # a trial's processes
-    if spec.resources.cpu * workers > (args.num_cpus or os.cpu_count() or 1) and not args.address:
+    need = spec.resources.cpu * workers + (DRIVER_CPU if spec.distributed is not None else 0)
+    if need > (args.num_cpus or os.cpu_count() or 1) and not args.address:
         raise SpecError(
-            f"resources.cpu: trials ask for {spec.resources.cpu * workers:g} CPUs ({workers} worker(s)) but the "
-            f"local Ray has {args.num_cpus or os.cpu_count()} (a trial would never start)"
+            f"resources.cpu: a trial asks for {need:g} CPUs ({workers} worker(s)) but the local Ray has "
+            f"{args.num_cpus or os.cpu_count()} (a trial would never start)"
         )
     if spec.resources.gpu > 0 and not args.address:
         import torch

@@ -245,6 +245,9 @@ def build_tuner(
     )
 
 
+DRIVER_CPU = 0.25  # what a distributed trial's own process holds while its Ray Train job runs (Tune needs > 0)
+
+
 def make_trainable(spec: ExperimentSpec, spec_data: dict[str, Any], lease_actor: str | None) -> Any:
     """The Tune trainable of a sweep's trials (the same for a fresh wave and a restored one)."""
     from ray import tune
@@ -253,7 +256,7 @@ def make_trainable(spec: ExperimentSpec, spec_data: dict[str, Any], lease_actor:
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.distributed is not None:  # the trial's own process only waits: its Ray Train workers hold resources
-        resources = {"cpu": 0, "gpu": 0}
+        resources = {"cpu": DRIVER_CPU, "gpu": 0}
     return tune.with_resources(
         tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor), resources
     )
@@ -272,7 +275,7 @@ def distributed_slots(spec: ExperimentSpec) -> int:
     d, r = spec.distributed, spec.resources
     assert d is not None
     total = ray.cluster_resources()
-    fits = [int(total.get("CPU", 0) // (d.workers * r.cpu))]
+    fits = [int(total.get("CPU", 0) // (d.workers * r.cpu + DRIVER_CPU))]
     if r.gpu > 0:
         fits.append(int(total.get("GPU", 0) // (d.workers * r.gpu)))
     return max(1, min(fits))

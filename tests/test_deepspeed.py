@@ -81,7 +81,8 @@ def test_two_deepspeed_trials_side_by_side_report_like_single_process_ones(tmp_p
     spec.write_text(yaml.safe_dump(ds_spec(stage)))
     env = {**isolated_env, "DS_ACCELERATOR": "cpu"}
     out = subprocess.run(
-        [*resurgence_cmd(), "run", str(spec), "--num-cpus", "4"],  # 2 trials x 2 workers x 1 CPU
+        # 2 trials x (2 workers x 1 CPU + the trial's own 0.25): logical CPUs, on 2 cores
+        [*resurgence_cmd(), "run", str(spec), "--num-cpus", "5"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
