@@ -122,7 +122,7 @@ def test_bad_flags(tmp_path, monkeypatch, capsys):
     assert main(["run", str(spec), "--num-cpus", "2", "--address", "auto"]) == 2
     assert "--num-cpus: sizes a local Ray only" in capsys.readouterr().err
     assert main(["run", str(_spec(tmp_path, resources={"cpu": 4})), "--num-cpus", "2"]) == 2
-    assert "resources.cpu: trials ask for 4.0 CPUs but the local Ray has 2" in capsys.readouterr().err
+    assert "resources.cpu: a trial asks for 4 CPUs (1 worker(s)) but the local Ray has 2" in capsys.readouterr().err
     assert main(["run", str(spec), "--storage-path", "nope://bucket/x"]) == 2
     assert "storage_path: cannot open nope://bucket/x (Unrecognized filesystem" in capsys.readouterr().err
     assert main(["report", "no-such-experiment"]) == 2
@@ -196,7 +196,7 @@ def test_gpu_request_without_gpu(tmp_path, monkeypatch, capsys):
         pytest.skip("this machine has a GPU")
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(_spec(tmp_path, resources={"cpu": 1, "gpu": 1}))]) == 2
-    assert "resources.gpu: trials ask for 1.0 GPU(s) but this machine has 0" in capsys.readouterr().err
+    assert "resources.gpu: trials ask for 1 GPU(s) but this machine has 0" in capsys.readouterr().err
 
 
 def test_summary_orders_best_first_errors_last():

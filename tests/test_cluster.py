@@ -103,6 +103,7 @@ def test_ray_job_submit_to_a_ray_head_with_an_mlflow_server(tmp_path, server_env
     assert not left, f"processes left behind: {left}"
 
 
+@pytest.mark.slow  # minutes: run by .ci/run with -m slow
 def test_an_mlflow_server_down_for_a_minute_loses_no_metric(tmp_path, server_env):
     mlflow_server = MlflowServer(tmp_path, server_env).start()
     spec = fault_spec(tmp_path, "outage")

@@ -73,6 +73,7 @@ def test_deepspeed_config_takes_the_searched_settings():
         deepspeed_config(base, FinetuneConfig(batch_size=3), 2, torch.device("cpu"))
 
 
+@pytest.mark.slow  # about 3 minutes each on 2 cores: run by .ci/run with -m slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_deepspeed_trials_side_by_side_report_like_single_process_ones(tmp_path, isolated_env, stage):
     import subprocess
