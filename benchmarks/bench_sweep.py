@@ -1,7 +1,7 @@
 """A thousand cheap toy trials through the orchestrator: wall time, overhead against the trials' own
 compute, the driver's memory over waves, MLflow write time, and searching the runs afterwards.
 
-    python benchmarks/bench_sweep.py                       # 1,000 trials in waves of 250 (about 25 minutes)
+    python benchmarks/bench_sweep.py                       # 1,000 trials in waves of 500 (about 70 minutes)
     python benchmarks/bench_sweep.py --trials 40 --wave-size 20 --baseline 6   # a quick look
 
 Side by side in one run:
@@ -160,7 +160,7 @@ def process_cpu() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=1000)
-    parser.add_argument("--wave-size", type=int, default=250)
+    parser.add_argument("--wave-size", type=int, default=500)
     parser.add_argument("--baseline", type=int, default=10, help="timed baseline trials per process, before and after")
     args = parser.parse_args()
 
