@@ -172,7 +172,7 @@ def run_sweep(
     else:
         opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file)
     pool.shutdown(wait=False)
-    status = "FAILED"
+    status, ended = "FAILED", False
     try:
         state.parent = opening.result()[1]
         state.save(folder)
@@ -187,6 +187,7 @@ def run_sweep(
             tracker.flush()  # the report reads the runs back
             index = write_report(uri, spec.name, Path.cwd() / "reports" / run_name, sweep=run_name)
         status = "FINISHED" if ok else "FAILED"
+        ended = True
         return Outcome(rows, run_name, parent, tracker, index, ok)
     finally:
         ray.kill(lease_actor)
@@ -194,9 +195,12 @@ def run_sweep(
             tracker, parent = opening.result()
             tracker.end(parent, status)
             tracker.close()
-        state.status = status.lower()
+        # A sweep that did not reach its end (an error, Ctrl-C, `ray job stop`) stays "running": resumable.
+        state.status = status.lower() if ended else "running"
         state.save(folder)
         lock.release()
+        if not ended:
+            print(f"resurgence: sweep {run_name} stopped before its end; `resurgence resume` continues it", flush=True)
 
 
 @dataclass
