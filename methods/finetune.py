@@ -130,8 +130,7 @@ class Finetuner:
             self.noise = torch.Generator("cpu").manual_seed(cfg.seed * 1009 + 1 + distributed.rank)
             stage = distributed.config.get("zero_optimization", {}).get("stage", 0)
             # ZeRO-3 splits the UNet's weights across ranks: rank 0 evaluates a plain copy (current_model).
-            self._plain_template = copy.deepcopy(model) if stage == 3 and distributed.rank == 0 else None
-            self._plain: DiffusionModel | None = None
+            self._plain = copy.deepcopy(model) if stage == 3 and distributed.rank == 0 else None
             self.engine, self.optimizer = _deepspeed_engine(model, list(self.params.values()), cfg, distributed)
 
     def _batch(self) -> list[int]:
@@ -197,16 +196,13 @@ class Finetuner:
             return
         import deepspeed
 
-        rank0 = self.dist is not None and self.dist.rank == 0
-        if rank0 and self._plain is None:
-            self._plain = copy.deepcopy(self._plain_template)
         with deepspeed.zero.GatheredParameters(list(self.model.unet.parameters())), torch.no_grad():
-            if rank0:
+            if self._plain is not None:
                 for (_, p), (_, q) in zip(
                     self.model.unet.named_parameters(), self._plain.unet.named_parameters(), strict=True
                 ):
                     q.copy_(p.detach().to(q.dtype))
-        yield self._plain if rank0 else None
+        yield self._plain  # None on the ranks other than 0
 
     # -- stopping and continuing -------------------------------------------------------------------
     def save(self, folder: Path) -> None:
