@@ -143,6 +143,7 @@ class Tracker:
         self._written = 0  # every write up to this sequence number is in MLflow
         self.wal = wal
         pending = self._read_wal() if wal is not None else []
+        self._from_wal = {item[2] for item in pending}  # handles an earlier driver queued: look before creating
         if pending:
             print(f"resurgence: replaying {len(pending)} MLflow writes an earlier driver left in {wal}", flush=True)
             self.replayed += len(pending)
@@ -331,7 +332,7 @@ class Tracker:
         with self._timed():
             for seq, kind, handle, payload in batch:
                 if kind == "create" and seq not in done:
-                    self._create(handle, *payload, lookup=retry or self.replayed > 0)
+                    self._create(handle, *payload, lookup=retry or handle in self._from_wal)
                     done.add(seq)
             params: dict[str, dict[str, str]] = {}
             metrics: dict[str, list[Metric]] = {}
