@@ -81,7 +81,10 @@ class DiffusionModel:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        # The first parameter's device, as diffusers' `ModelMixin.device` ends up returning (no offloading
+        # hooks are used here); diffusers first walks every submodule looking for group-offload hooks,
+        # which was ~5% of a toy trial's CPU, since every denoising call asks.
+        return next(self.unet.parameters()).device
 
     @property
     def pixel_space(self) -> bool:
