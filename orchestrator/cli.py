@@ -29,6 +29,12 @@ from orchestrator.spec import ExperimentSpec, SpecError, apply_overrides, load_s
 
 EXIT_BAD_INPUT = 2
 
+# Usage telemetry of the libraries the driver runs, off unless the user's environment says otherwise: the
+# driver makes no outbound calls of its own, and MLflow's per-call telemetry wrapper costs CPU on every write.
+# Ray reads its variable at ray.init, MLflow at every call, and Ray passes the driver's environment to the
+# local cluster's processes.
+NO_TELEMETRY = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="resurgence", description=__doc__.split("\n")[0])
@@ -386,6 +392,8 @@ def cmd_toy_detector(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    for name, value in NO_TELEMETRY.items():
+        os.environ.setdefault(name, value)
     try:
         commands = {
             "run": cmd_run,

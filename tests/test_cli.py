@@ -1,5 +1,6 @@
 """Bad input: a one-line error naming the field, exit code 2, before Ray starts, and no MLflow run."""
 
+import os
 import subprocess
 import sys
 
@@ -172,6 +173,18 @@ def test_validate_and_list(capsys):
         "  clip ",
     ):
         assert line in out
+
+
+def test_library_telemetry_off_unless_the_user_set_it(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "")  # recorded, so the environment is restored afterwards
+    monkeypatch.delenv("RAY_USAGE_STATS_ENABLED")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # the user's own choice is kept
+    assert main(["validate", str(REPO / "search_spaces" / "smoke.yaml")]) == 0
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY")
+    assert main(["validate", str(REPO / "search_spaces" / "smoke.yaml")]) == 0
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
 def test_smoke_test_and_flag_overrides(tmp_path, monkeypatch):
