@@ -194,7 +194,9 @@ def run_sweep(
         if opening.exception() is None:
             tracker, parent = opening.result()
             tracker.end(parent, status)
-            tracker.close()
+            closed = tracker.close()
+            if not closed:
+                ended = False  # writes wait in the log: `resurgence resume` replays them
         # A sweep that did not reach its end (an error, Ctrl-C, `ray job stop`) stays "running": resumable.
         state.status = status.lower() if ended else "running"
         state.save(folder)
@@ -305,7 +307,11 @@ def reopen_parent(uri: str, spec: ExperimentSpec, parent: str, folder: Path) -> 
 
 
 def existing_trial_runs(tracker: Tracker, run_name: str) -> dict[str, tuple[str, int]]:
-    """The trial runs of a sweep in MLflow: trial id -> (run id, last ft_step logged)."""
+    """The trial runs of a sweep in MLflow: trial id -> (run id, last ft_step logged). The writes an earlier
+    driver left in the write-ahead log go in first: a trial run it had queued but not written would
+    otherwise be missed here, made again for the same trial, and then replayed as a second run."""
+    if not tracker.flush(600):
+        raise RuntimeError("MLflow stayed unreachable for 600 s; the sweep cannot be continued without it")
     out: dict[str, tuple[str, int]] = {}
     token = None
     while True:

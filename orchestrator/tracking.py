@@ -141,15 +141,18 @@ class Tracker:
         self._lock = threading.Lock()  # queue order = log order
         self._seq = 0
         self._written = 0  # every write up to this sequence number is in MLflow
+        self._pending: dict[int, tuple[int, str, str, Any]] = {}  # queued, not yet confirmed (WAL compaction)
         self.wal = wal
-        pending = self._read_wal() if wal is not None else []
+        pending, self._seq = self._read_wal() if wal is not None else ([], 0)
         self._from_wal = {item[2] for item in pending}  # handles an earlier driver queued: look before creating
         if pending:
             print(f"resurgence: replaying {len(pending)} MLflow writes an earlier driver left in {wal}", flush=True)
             self.replayed += len(pending)
-            self._seq = max(item[0] for item in pending)
             for item in pending:
+                self._pending[item[0]] = item
                 self._queue.put(item)
+        if wal is not None and wal.is_file():
+            self._rewrite_wal()  # only what is pending, whole lines (a line a kill cut short is gone)
         self._writer = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
         self._writer.start()
 
@@ -206,18 +209,19 @@ class Tracker:
             time.sleep(0.05)
         return True
 
-    def close(self, timeout_s: float = 600.0) -> None:
-        """Write what is queued and stop the writer; if MLflow stays unreachable for `timeout_s`, leave the
-        rest in the write-ahead log for the next driver of the sweep."""
+    def close(self, timeout_s: float = 600.0) -> bool:
+        """Write what is queued and stop the writer. If MLflow stays unreachable for `timeout_s`, the rest
+        stays in the write-ahead log for the next driver of the sweep, and this returns False."""
         if not self.flush(timeout_s):
             print(
                 f"resurgence: MLflow still unreachable after {timeout_s:.0f} s; "
                 f"{self._queue.unfinished_tasks} writes stay in {self.wal} (`resurgence resume` replays them)",
                 flush=True,
             )
-            return
+            return False
         self._queue.put(None)
         self._writer.join()
+        return True
 
     # -- the write-ahead log -------------------------------------------------------------------------
     def _put(self, kind: str, handle: str, payload: Any) -> None:
@@ -227,32 +231,54 @@ class Tracker:
             if self.wal is not None:
                 with open(self.wal, "a") as f:
                     f.write(json.dumps(item) + "\n")
+                self._pending[self._seq] = item
             self._queue.put(item)
 
-    def _read_wal(self) -> list[tuple[int, str, str, Any]]:
-        """The writes in the log that were not confirmed written (a line cut short by a kill is dropped)."""
-        if self.wal is None or not self.wal.is_file():
-            return []
-        items, written = [], 0
+    WAL_COMPACT_BYTES = 8 * 2**20  # a log past this size is rewritten with only its pending writes
+
+    def _read_wal(self) -> tuple[list[tuple[int, str, str, Any]], int]:
+        """The writes in the log that were not confirmed written (a line cut short by a kill is dropped), and
+        the highest sequence number the log mentions (new writes are numbered above it, so a confirmation
+        marker left in the log never covers them)."""
+        assert self.wal is not None
+        if not self.wal.is_file():
+            return [], 0
+        items, written, top = [], 0, 0
         for line in self.wal.read_text().splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):  # {"written": seq}: everything up to seq is in MLflow
-                written = max(written, int(record["written"]))
-            else:
-                items.append(tuple(record))
-        return [item for item in items if item[0] > written]  # type: ignore[misc]
+                if isinstance(record, dict):  # {"written": seq}: everything up to seq is in MLflow
+                    written = max(written, int(record["written"]))
+                    top = max(top, written)
+                else:
+                    item = (int(record[0]), str(record[1]), str(record[2]), record[3])
+                    items.append(item)
+                    top = max(top, item[0])
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+                continue  # a line a kill cut short (or two lines glued by one)
+        return [item for item in items if item[0] > written], top
+
+    def _rewrite_wal(self) -> None:
+        """Replace the log by the writes still pending (atomically: a kill leaves the old log or the new)."""
+        assert self.wal is not None
+        tmp = self.wal.with_name(self.wal.name + ".tmp")
+        tmp.write_text("".join(json.dumps(self._pending[k]) + "\n" for k in sorted(self._pending)))
+        os.replace(tmp, self.wal)
 
     def _confirm(self, seq: int) -> None:
-        """Everything up to `seq` is in MLflow: note it, and start the log afresh when nothing is pending."""
-        self._written = seq
+        """Everything up to `seq` is in MLflow: note it, and start the log afresh when nothing is pending
+        (or rewrite it with only the pending writes once it has grown large)."""
         if self.wal is None:
+            self._written = seq
             return
         with self._lock:
+            self._written = seq
+            for k in [k for k in self._pending if k <= seq]:
+                del self._pending[k]
             if self._seq == seq:
                 self.wal.write_text("")
+            elif self.wal.stat().st_size > self.WAL_COMPACT_BYTES:
+                self._rewrite_wal()
             else:
                 with open(self.wal, "a") as f:
                     f.write(json.dumps({"written": seq}) + "\n")
@@ -332,8 +358,7 @@ class Tracker:
         with self._timed():
             for seq, kind, handle, payload in batch:
                 if kind == "create" and seq not in done:
-                    self._create(handle, *payload, lookup=retry or handle in self._from_wal)
-                    done.add(seq)
+                    self._attempt([seq], done, self._create, handle, *payload, lookup=retry or handle in self._from_wal)
             params: dict[str, dict[str, str]] = {}
             metrics: dict[str, list[Metric]] = {}
             tags: dict[str, dict[str, str]] = {}
@@ -348,26 +373,48 @@ class Tracker:
                 else:
                     tags.setdefault(handle, {}).update(payload)
             for handle, seqs in groups.items():
-                run_id = self._resolve(handle)
                 plist = [Param(k, v) for k, v in params.get(handle, {}).items()]
-                mlist = metrics.get(handle, [])
                 tlist = [RunTag(k, v) for k, v in tags.get(handle, {}).items()]
-                while plist or mlist or tlist:  # MLflow's limits: 100 params, 1000 metrics, 1000 items per call
-                    p, plist = plist[:PARAMS_PER_BATCH], plist[PARAMS_PER_BATCH:]
-                    room = METRICS_PER_BATCH - len(p)
-                    m, mlist = mlist[:room], mlist[room:]
-                    t, tlist = tlist[: room - len(m)], tlist[room - len(m) :]
-                    self.client.log_batch(run_id, metrics=m, params=p, tags=t)
-                done.update(seqs)
+                self._attempt(seqs, done, self._log_batch, handle, plist, metrics.get(handle, []), tlist)
             for seq, kind, handle, payload in batch:
                 if seq in done:
                     continue
                 if kind == "artifact":
-                    if Path(payload[0]).is_file():  # a trial's file on this machine (not on a worker node)
-                        self.client.log_artifact(self._resolve(handle), payload[0], payload[1])
+                    self._attempt([seq], done, self._log_artifact, handle, *payload)
                 elif kind == "end":
-                    self.client.set_terminated(self._resolve(handle), payload)
-                done.add(seq)
+                    self._attempt([seq], done, self._end, handle, payload)
+                else:
+                    done.add(seq)
+
+    def _attempt(self, seqs: list[int], done: set[int], write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """One write (a run's creation, one run's merged log_batch, an artifact, a run's end). A store that
+        is away raises to the retry loop; any other error skips this write alone (said in the log), so one
+        bad write never costs the rest of the round."""
+        try:
+            write(*args, **kwargs)
+        except Exception as err:
+            if unreachable(err):
+                raise
+            message = f"{type(err).__name__}: {first_line(err)}"
+            self.errors.append(message)
+            print(f"resurgence: MLflow write failed, skipped: {message}", flush=True)
+        done.update(seqs)
+
+    def _log_batch(self, handle: str, plist: list[Any], mlist: list[Any], tlist: list[Any]) -> None:
+        run_id = self._resolve(handle)
+        while plist or mlist or tlist:  # MLflow's limits: 100 params, 1000 metrics, 1000 items per call
+            p, plist = plist[:PARAMS_PER_BATCH], plist[PARAMS_PER_BATCH:]
+            room = METRICS_PER_BATCH - len(p)
+            m, mlist = mlist[:room], mlist[room:]
+            t, tlist = tlist[: room - len(m)], tlist[room - len(m) :]
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+
+    def _end(self, handle: str, status: str) -> None:
+        self.client.set_terminated(self._resolve(handle), status)
+
+    def _log_artifact(self, handle: str, path: str, artifact_path: str | None) -> None:
+        if Path(path).is_file():  # a trial's file on this machine (not on a worker node)
+            self.client.log_artifact(self._resolve(handle), path, artifact_path)
 
     def _create(self, handle: str, name: str, tags: dict[str, str], parent: str | None, lookup: bool) -> None:
         if handle in self._ids:
@@ -405,12 +452,15 @@ def unreachable(err: BaseException) -> bool:
     write was wrong: such writes are kept and retried."""
     import requests
 
-    if isinstance(err, OSError | requests.exceptions.RequestException | TimeoutError):
+    if isinstance(err, ConnectionError | TimeoutError | requests.exceptions.RequestException):
         return True
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError):
+        return True  # sockets, name lookups, a network file system gone; not a file that is wrong
     text = str(err)
     signs = ("Max retries exceeded", "Connection refused", "Connection aborted", "timed out", "Read timed out")
-    signs += ("database is locked", "503", "502", "504", "RemoteDisconnected", "ConnectionError")
-    return any(s in text for s in signs)
+    signs += ("database is locked", "RemoteDisconnected", "ConnectionError")
+    # 5xx as a status code, not three digits inside a run id or a value
+    return any(s in text for s in signs) or re.search(r"(?<![0-9a-fA-F])50[234](?![0-9a-fA-F])", text) is not None
 
 
 def first_line(err: BaseException) -> str:
