@@ -31,7 +31,7 @@ import yaml
 
 from orchestrator.search import Cell, Row, WaveLog, grid_cells, run_waves, study_storage
 from orchestrator.spec import Dimension, ExperimentSpec, SpecError
-from orchestrator.tracking import MlflowTrials, Progress, Tracker, finite, flatten
+from orchestrator.tracking import MlflowTrials, Progress, Tracker, finite, flatten, redact
 
 Opening = Future  # of (Tracker, parent run id)
 
@@ -59,7 +59,7 @@ def open_parent(
     params = {"search": data.get("search", {}), "spec": os.path.basename(spec_file)}
     if data.get("defender"):
         params["defender"] = data["defender"]
-    tracker.log(parent, params=flatten(params))
+    tracker.log(parent, params=redact(flatten(params)))
     tracker.artifact(parent, sweep_dir(spec, run_name) / "experiment.yaml")  # written by run_sweep
     return tracker, parent
 
