@@ -412,6 +412,17 @@ def check_space(spec: ExperimentSpec) -> None:
             "name",
         ):
             raise SpecError(f"search.space.{path}: only trial settings can be searched, not {path.split('.')[0]}")
+        if (
+            spec.distributed is not None
+            and path == "finetune.config.batch_size"
+            and dim.choice is None
+            and dim.grid is None
+        ):
+            # a range's inner values are not checked, and most are not multiples of the worker count
+            raise SpecError(
+                f"search.space.{path}: with distributed.workers, search the batch size with choice or grid "
+                f"(each a multiple of {spec.distributed.workers}), not a range"
+            )
         _check_values(base, f"search.space.{path}", path, dim)
     if spec.defender is not None:
         for path, dim in spec.defender.space.items():

@@ -75,6 +75,14 @@ BAD = [
     ),
     ({"search__space__search.seed": {"choice": [1]}}, "search.space.search.seed: only trial settings"),
     (
+        {
+            "distributed": {"workers": 2, "deepspeed": {"zero_optimization": {"stage": 2}}},
+            "finetune__config__batch_size": 2,
+            "search__space__finetune.config.batch_size": {"randint": [2, 9]},
+        },
+        "search.space.finetune.config.batch_size: with distributed.workers, search the batch size with choice",
+    ),
+    (
         {"smoke": {"finetune.config.steps": -1}},
         "smoke: with its overrides applied, finetune.config.steps: Input should be greater than or equal to 1",
     ),
