@@ -52,12 +52,13 @@ class FinetuneResult:
 def select_trainable(model: DiffusionModel, cfg: FinetuneConfig) -> dict[str, torch.nn.Parameter]:
     """Switch on gradients for the configured subset (adding LoRA adapters if asked) and return it."""
     model.requires_grad_(False)
-    if cfg.trainable == "lora" and not getattr(model.unet, "peft_config", None):  # a later round reuses it
-        model.unet.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+    if cfg.trainable == "lora":
+        if not getattr(model.unet, "peft_config", None):  # a later round trains the same adapter on
+            model.unet.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+                )
             )
-        )
         chosen = {f"unet.{n}": p for n, p in model.unet.named_parameters() if "lora_" in n}
     elif cfg.trainable == "text_encoder":
         chosen = {

@@ -30,6 +30,16 @@ def test_lora_leaves_base_weights_untouched(tiny_sd):
     assert not torch.allclose(image_before, image_after)
 
 
+def test_a_second_lora_round_trains_the_same_adapter_only(tiny_sd):
+    cfg = FinetuneConfig(trainable="lora", lora_rank=2, steps=2, lr=1e-2)
+    first = finetune(tiny_sd, _data(tiny_sd), cfg)
+    base = {k: v for k, v in state(tiny_sd.unet).items() if "lora_" not in k}
+    second = finetune(tiny_sd, _data(tiny_sd), cfg.model_copy(update={"seed": 1}))  # a later round
+    assert second.trained == first.trained and all("lora_" in n for n in second.trained)
+    after = tiny_sd.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base.items())  # no base weight moved in round 2
+
+
 @pytest.mark.parametrize(("trainable", "part"), [("xattn", "unet"), ("full", "unet"), ("text_encoder", "text")])
 def test_trainable_subsets(tiny_sd, trainable, part):
     unet_before, te_before = state(tiny_sd.unet), state(tiny_sd.pipe.text_encoder)
@@ -86,9 +96,10 @@ def test_a_fine_tune_stopped_and_continued_elsewhere_ends_where_an_unbroken_one_
     cfg = FinetuneConfig(trainable=trainable, steps=6, lr=1e-3, batch_size=3, seed=4)
     fresh = copy.deepcopy(tiny_sd)
     data = _data(tiny_sd, n=5)  # batches wrap around the shuffled epoch: the cursor and order are state too
+    torch.manual_seed(123)  # LoRA's initial draw (the global generator): the same for the unbroken run
     whole = Finetuner(tiny_sd, data, cfg).run()
 
-    torch.manual_seed(123)  # LoRA's initial draw differs: the checkpoint's values must replace it
+    torch.manual_seed(123)  # ... and for the run that stops at step 3
     first = Finetuner(copy.deepcopy(fresh), data, cfg)
     seen: list[int] = []
 
@@ -101,6 +112,7 @@ def test_a_fine_tune_stopped_and_continued_elsewhere_ends_where_an_unbroken_one_
     with pytest.raises(KeyboardInterrupt):
         first.run(every=3, callback=stop_at_3)
     resumed_model = copy.deepcopy(fresh)
+    torch.manual_seed(999)  # another LoRA draw: the checkpoint's values must replace it
     second = Finetuner(resumed_model, data, cfg)
     second.load(tmp_path / "ckpt")
     rest = second.run()
