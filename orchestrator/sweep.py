@@ -246,7 +246,11 @@ def redacted_spec(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def spec_hash(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """What identifies a sweep's spec when the same command is run again. Its folders are left out: they are
+    absolute paths by then, and a relative `cache_dir` resolves under the job's working directory, which
+    `ray job submit` unpacks into a new Ray session's folder after the head node is replaced."""
+    kept = {k: v for k, v in data.items() if k not in ("storage_path", "cache_dir")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class DriverLock:

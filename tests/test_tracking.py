@@ -1,12 +1,13 @@
 """The MLflow writer: one bad write costs only itself, outages are told apart from bad writes, and the
-write-ahead log survives drivers that die at any point (numbering, cut lines, writes left at close)."""
+write-ahead log survives drivers that die at any point (numbering, cut lines, writes left at close),
+and a re-run finds its sweep again."""
 
 import json
 
 import pytest
 from mlflow.exceptions import MlflowException
 
-from orchestrator.sweep import existing_trial_runs
+from orchestrator.sweep import existing_trial_runs, spec_hash
 from orchestrator.tracking import Tracker, unreachable
 
 
@@ -112,3 +113,10 @@ def test_a_resumed_sweep_sees_trial_runs_still_in_the_log(uri, tmp_path):
     assert list(found) == ["t0001"]
     assert tracker.close(30)
     assert len(tracker.client.search_runs([tracker.experiment_id], "tags.trial_id = 't0001'")) == 1
+
+
+def test_the_same_spec_is_found_again_from_another_working_directory():
+    spec = {"name": "x", "search": {"num_samples": 4}, "cache_dir": "/tmp/ray/session_1/pkg/.resurgence_cache"}
+    moved = {**spec, "cache_dir": "/tmp/ray/session_2/pkg/.resurgence_cache", "storage_path": "/shared/r"}
+    assert spec_hash(spec) == spec_hash(moved)
+    assert spec_hash(spec) != spec_hash({**spec, "search": {"num_samples": 5}})
