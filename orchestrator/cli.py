@@ -93,7 +93,6 @@ def _positive_int(text: str) -> int:
 
 def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], str]:
     """Everything checked before compute: the spec with CLI overrides, paths, the tracking URI."""
-    from orchestrator.search import DRIVER_CPU
     from orchestrator.tracking import check_tracking_uri, default_tracking_uri
 
     spec, data = load_spec(args.spec)
@@ -126,6 +125,15 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
             os.makedirs(getattr(spec, field), exist_ok=True)
         except OSError as err:
             raise SpecError(f"{field}: cannot create {getattr(spec, field)} ({err.strerror})") from None
+    check_resources(spec, args)
+    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
+    return spec, data, uri
+
+
+def check_resources(spec: ExperimentSpec, args: argparse.Namespace) -> None:
+    """The Ray flags against what a trial needs (a trial that can never be placed would wait forever)."""
+    from orchestrator.search import DRIVER_CPU
+
     if args.address and args.num_cpus:
         raise SpecError("--num-cpus: sizes a local Ray only; a cluster's CPUs are its own (drop it with --address)")
     workers = spec.distributed.workers if spec.distributed is not None else 1  # a trial's processes
@@ -143,8 +151,6 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
                 f"resources.gpu: trials ask for {spec.resources.gpu * workers:g} GPU(s) but this machine has "
                 f"{torch.cuda.device_count()} (pass --address for a cluster)"
             )
-    uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-    return spec, data, uri
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -195,6 +201,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = parse_spec(data)
     if spec.defender is not None:
         raise SpecError(f"sweep: {state.run_name} is a defender sweep; continuing those is not supported yet")
+    check_resources(spec, args)
     uri = check_tracking_uri(args.tracking_uri or state.tracking_uri)
     print(f"resurgence: continuing sweep {state.run_name} (started {state.started})", flush=True)
     return drive(spec, data, uri, state.spec_file, args, state)

@@ -232,3 +232,21 @@ def test_summary_orders_best_first_errors_last():
     assert [r["trial"] for r in rank(results, spec)] == ["c", "a", "b", "d"]
     spec = parse_spec({**SMOKE, "search": {**SMOKE["search"], "mode": "min"}})
     assert [r["trial"] for r in rank(results, spec)] == ["a", "c", "b", "d"]
+
+
+def test_resume_checks_the_ray_flags_before_anything_runs(tmp_path, capsys):
+    import json
+
+    import ray
+
+    from orchestrator.sweep import SweepState
+
+    folder = tmp_path / "ray_results" / "smoke-1"
+    folder.mkdir(parents=True)
+    data = {**yaml.safe_load(yaml.safe_dump(SMOKE)), "resources": {"cpu": 4}}
+    (folder / "spec.json").write_text(json.dumps(data))
+    SweepState("smoke-1", "smoke.yaml", f"sqlite:///{tmp_path / 'mlflow.db'}", None, "h", "running", "now").save(folder)
+    assert main(["resume", str(folder), "--num-cpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resurgence: error: resources.cpu: a trial asks for 4 CPUs") and err.count("\n") == 1
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
