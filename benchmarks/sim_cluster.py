@@ -35,6 +35,10 @@ Measured (default command, 2 cores shared with other work, Nov 2026): 10,000 tri
 first trial start to the last end, against 702 s of modelled work / 64 GPUs); occupancy 63% overall, 98% in the
 steady window (wave 0: 12.5 trials/s, a gap of 0.09 s between trials on a GPU); driver 31 ms CPU per trial, peak RSS
 0.81 GiB. Replayed at real durations (10.7 h of simulated campaign): 98.9% with overlapped waves, 94.3% sequential.
+With `--time-scale 10 --wave-size 5000` (Dec 2026, 40 min, machine otherwise quiet but for short tests): occupancy
+94.3% overall, 96.1% steady (91.4% / 93.2% counting modelled GPU work only); the wave boundary (one ~2-minute
+stretch at 47%) and the final tail are what is lost; driver 46.8 ms CPU per trial, RSS 0.52 -> 0.53 GiB after the
+waves; replayed at real durations 98.5% overlapped, 97.0% sequential.
 
 What limits it here (none of it scales with --time-scale, so at real durations it fades; see the replay):
 - CPU, not memory: 64 actors + 9 raylets (plus dashboard/runtime-env agents) take ~10 GiB; a new trial actor costs
