@@ -460,7 +460,7 @@ def unreachable(err: BaseException) -> bool:
     signs = ("Max retries exceeded", "Connection refused", "Connection aborted", "timed out", "Read timed out")
     signs += ("database is locked", "RemoteDisconnected", "ConnectionError")
     # 5xx as a status code, not three digits inside a run id or a value
-    return any(s in text for s in signs) or re.search(r"(?<![0-9a-fA-F])50[234](?![0-9a-fA-F])", text) is not None
+    return any(s in text for s in signs) or re.search(r"(?<![0-9a-fA-F.])50[234](?![0-9a-fA-F]|\.\d)", text) is not None
 
 
 def first_line(err: BaseException) -> str:

@@ -47,8 +47,10 @@ def test_one_bad_write_skips_only_itself(uri, tmp_path):
         (TimeoutError("timed out"), True),
         (MlflowException("API request to http://h/api failed with exception Max retries exceeded"), True),
         (MlflowException("API request failed: 503 Server Error: Service Unavailable"), True),
+        (MlflowException("API request to /api/2.0/mlflow/runs/log-batch failed with error code 502."), True),
         (MlflowException("(sqlite3.OperationalError) database is locked"), True),
         (MlflowException("Run 'a1503bc9e0f14d2c8e7f6a5b4c3d2e1f' not found"), False),  # "503" in a run id
+        (MlflowException("Invalid value 0.503 for parameter 'lr'"), False),
         (PermissionError(13, "Permission denied", "/artifacts/samples.png"), False),
         (FileNotFoundError(2, "No such file"), False),
         (LookupError("no MLflow run for pending-1"), False),
