@@ -194,8 +194,7 @@ def run_sweep(
         if opening.exception() is None:
             tracker, parent = opening.result()
             tracker.end(parent, status)
-            closed = tracker.close()
-            if not closed:
+            if not tracker.close():
                 ended = False  # writes wait in the log: `resurgence resume` replays them
         # A sweep that did not reach its end (an error, Ctrl-C, `ray job stop`) stays "running": resumable.
         state.status = status.lower() if ended else "running"
