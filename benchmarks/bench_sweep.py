@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -41,7 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_spec(trials: int, wave_size: int) -> dict[str, Any]:
+def bench_spec(trials: int, wave_size: int, steps: int = 10) -> dict[str, Any]:
     base = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     return {
         **{k: base[k] for k in ("model", "concept", "others")},
@@ -49,7 +50,7 @@ def bench_spec(trials: int, wave_size: int) -> dict[str, Any]:
         "erase": {"method": "uce", "config": {"tokens": "all"}},
         "finetune": {
             "dataset": {"name": "toy", "config": {"n": 216, "exclude": ["cross"], "seed": 1}},
-            "config": {"trainable": "xattn", "lr": 5e-4, "steps": 10, "batch_size": 8},
+            "config": {"trainable": "xattn", "lr": 5e-4, "steps": steps, "batch_size": 8},
             "eval_every": 10,
         },
         "evaluate": {
@@ -162,13 +163,15 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--wave-size", type=int, default=500)
     parser.add_argument("--baseline", type=int, default=10, help="timed baseline trials per process, before and after")
+    parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per trial (an evaluation every 10)")
+    parser.add_argument("--floor-seconds", type=float, default=30, help="how long to measure the idle Ray first")
     args = parser.parse_args()
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     os.chdir(tmp)
-    data = bench_spec(args.trials, args.wave_size)
+    data = bench_spec(args.trials, args.wave_size, args.steps)
     data["storage_path"] = str(tmp / "ray_results")
     data["cache_dir"] = str(tmp / "cache")
 
@@ -196,6 +199,12 @@ def main() -> None:
         memory.append((f"after wave {w}", rss_mb()))
         print(f"[bench] wave {w}: {len(rows)} trials, driver RSS {memory[-1][1]:.0f} MiB", flush=True)
 
+    # The floor: what the machine burns with Ray up and nothing to run (its GCS, raylet, agents, monitors;
+    # the kernel), per second; it goes on for the whole sweep whatever the trials are.
+    time.sleep(5)
+    rest0 = cpu_ticks()
+    time.sleep(args.floor_seconds)
+    floor = (cpu_ticks()["busy"] - rest0["busy"]) / args.floor_seconds  # cores busy at rest
     uri = default_tracking_uri()
     ticks0, procs0, start = cpu_ticks(), process_cpu(), time.perf_counter()
     outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False)
@@ -251,6 +260,18 @@ def main() -> None:
         f"  orchestration CPU per trial: driver {driver / len(outcome.rows) * 1000:.0f} ms, Ray's own processes "
         f"{ray_own / len(outcome.rows) * 1000:.0f} ms, the rest (trial workers outside the trial function: "
         f"starting, importing, loading, Tune's worker loop) {rest / len(outcome.rows) * 1000:.0f} ms"
+    )
+    # The floor is a share of the machine (floor / cores of every core-second), whatever the trials; what is
+    # left is paid per trial, so it shrinks as trials grow.
+    floor_share = floor * wall / in_trials
+    per_trial_cost = (available - in_trials - floor * wall) / len(outcome.rows)
+    trial_cpu = in_trials / len(done)
+    needed = per_trial_cost / (0.05 - floor_share) if floor_share < 0.05 else math.inf
+    print(
+        f"  split: the floor (Ray's processes and the kernel with nothing to run, {floor:.1%} of a core, measured "
+        f"for {args.floor_seconds:.0f} s before the sweep) is {floor_share:+.1%} whatever the trials; the rest is "
+        f"{per_trial_cost:.2f} core-s per trial, {per_trial_cost / trial_cpu:+.1%} of these {trial_cpu:.1f} CPU-s "
+        f"trials. Under 5% in all needs trials of {needed:.1f} CPU-s or more on this {cores}-core machine"
     )
     print(
         f"overhead vs the plain-call baseline (wall, {before:.2f} s per trial before the sweep and {after:.2f} s "

@@ -334,9 +334,9 @@ def execute_trial(
         full = spec.evaluate.full == "every" or step == ft_cfg.steps
         with tuner.current_model() as current:  # type: ignore[union-attr]  # ZeRO-3: every rank gathers
             ev = evaluate(current, warm.detector, concepts, configs["evaluate"]) if full and current else None
+            if ev is not None:  # before the report: its timings cover the trial's picture too
+                save_grid([*rows, (f"ft {offset + step}", [ev.samples[n] for n in names])], names, grid)
             last = metrics(offset + step, ev, loss, current)
-        if ev is not None:
-            save_grid([*rows, (f"ft {offset + step}", [ev.samples[n] for n in names])], names, grid)
         if every_ckpt and (offset + step) % every_ckpt == 0 and (offset + step) < ft_cfg.steps * spec.finetune.rounds:
             with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
                 tuner.save(Path(folder) / "finetune")  # type: ignore[union-attr]
