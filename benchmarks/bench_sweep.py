@@ -3,6 +3,7 @@ compute, the driver's memory over waves, MLflow write time, and searching the ru
 
     python benchmarks/bench_sweep.py                       # 1,000 trials in waves of 500 (about 70 minutes)
     python benchmarks/bench_sweep.py --trials 40 --wave-size 20 --baseline 6   # a quick look
+    python benchmarks/bench_sweep.py --trials 300 --wave-size 300 --steps 20   # larger trials (3 evaluations)
 
 Side by side in one run:
 1. **The sweep**: `--trials` trials through `orchestrator.sweep.run_sweep` (local Ray with 2 CPUs, waves
@@ -13,14 +14,19 @@ Side by side in one run:
    cores outside trials (the driver, Tune, MLflow, Ray's own processes, workers between trials) and time
    the hypervisor stole (/proc/stat). Measured at the same time as the trials, it does not move with
    this machine's speed, which drifts by tens of percent over minutes (the same trial took 4.8 to 8.4 s
-   in one process). Run nothing else meanwhile: /proc/stat counts the whole machine.
+   in one process). Run nothing else meanwhile: /proc/stat counts the whole machine. The overhead is then
+   split in two: the floor, what the machine burns with Ray up and no trial to run (its GCS, raylet,
+   agents and monitors, the kernel; measured for `--floor-seconds` before the sweep), a share of the machine
+   whatever the trials are; and the rest, a cost per trial that shrinks, as a share, as trials grow. From
+   the two it prints the trial size (CPU-s) at which the overhead would be under 5% on this machine.
 2. **Baseline**: `--baseline` trials of the same kind as plain `execute_trial` calls in two processes at
    once (one per core, one thread each, as Ray runs trials), before and after the sweep, after a warm-up
    trial that loads the model and fills the erase cache: overhead = sweep wall / (trials x baseline wall
    per trial) - 1, printed too, with both baselines so the drift shows.
 
 The trial: UCE erases "cross" from the toy model (erased once for the whole sweep: the cache), then
-10 steps of fine-tuning on cross-free toy images, then the full evaluation (36 images at 10 DDIM steps).
+`--steps` (10) steps of fine-tuning on cross-free toy images with the full evaluation (36 images at 10 DDIM
+steps) every 10 steps.
 """
 
 from __future__ import annotations
