@@ -267,8 +267,8 @@ def main() -> None:
         f"{ray_own / len(outcome.rows) * 1000:.0f} ms, the rest (trial workers outside the trial function: "
         f"starting, importing, loading, Tune's worker loop) {rest / len(outcome.rows) * 1000:.0f} ms"
     )
-    # The floor is a share of the machine (floor / cores of every core-second), whatever the trials; what is
-    # left is paid per trial, so it shrinks as trials grow.
+    # The floor takes floor / cores of every core-second whatever the trials are; what is left is paid per
+    # trial, so its share shrinks as trials grow.
     floor_share = floor * wall / in_trials
     per_trial_cost = (available - in_trials - floor * wall) / len(outcome.rows)
     trial_cpu = in_trials / len(done)
