@@ -1,9 +1,9 @@
 """A thousand cheap toy trials through the orchestrator: wall time, overhead against the trials' own
 compute, the driver's memory over waves, MLflow write time, and searching the runs afterwards.
 
-    python benchmarks/bench_sweep.py                       # 1,000 trials in waves of 500 (about 70 minutes)
+    python benchmarks/bench_sweep.py                       # 1,000 trials in waves of 500 (about 100 minutes)
     python benchmarks/bench_sweep.py --trials 40 --wave-size 20 --baseline 6   # a quick look
-    python benchmarks/bench_sweep.py --trials 300 --wave-size 300 --steps 20   # larger trials (3 evaluations)
+    python benchmarks/bench_sweep.py --trials 300 --wave-size 300 --steps 10   # smaller trials (one evaluation)
 
 Side by side in one run:
 1. **The sweep**: `--trials` trials through `orchestrator.sweep.run_sweep` (local Ray with 2 CPUs, waves
@@ -22,11 +22,13 @@ Side by side in one run:
 2. **Baseline**: `--baseline` trials of the same kind as plain `execute_trial` calls in two processes at
    once (one per core, one thread each, as Ray runs trials), before and after the sweep, after a warm-up
    trial that loads the model and fills the erase cache: overhead = sweep wall / (trials x baseline wall
-   per trial) - 1, printed too, with both baselines so the drift shows.
+   per trial) - 1, printed too, with both baselines so the drift shows; and the same core-second count for
+   the plain calls (2 cores x their wall per trial against their CPU time per trial), which is not zero
+   either (the kernel, waiting on files), so the sweep's count less it is what the orchestrator adds.
 
 The trial: UCE erases "cross" from the toy model (erased once for the whole sweep: the cache), then
-`--steps` (10) steps of fine-tuning on cross-free toy images with the full evaluation (36 images at 10 DDIM
-steps) every 10 steps.
+`--steps` (20) steps of fine-tuning on cross-free toy images with the full evaluation (36 images at 10 DDIM
+steps) every 10 steps: two rungs for an early stopper after the erased model's own evaluation (step 0).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench_spec(trials: int, wave_size: int, steps: int = 10) -> dict[str, Any]:
+def bench_spec(trials: int, wave_size: int, steps: int = 20) -> dict[str, Any]:
     base = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     return {
         **{k: base[k] for k in ("model", "concept", "others")},
@@ -90,19 +92,21 @@ spec0 = trial_spec(data, {})
 cache = open_cache(spec0.storage_path, Path(spec0.cache_dir) / "erased")
 import random
 rng = random.Random(seed)
-times = []
+times, cpus = [], []
 for i in range(n + 1):  # trial 0 warms up: loads the model, evaluates the base, erases (or loads the erasure)
     config = {"finetune.config.lr": 10 ** rng.uniform(-4, -3)}
     config["finetune.config.trainable"] = rng.choice(["full", "xattn", "lora"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     execute_trial(trial_spec(data, config), lambda m: None, root / f"trial{seed}-{i}", cache)
     times.append(time.perf_counter() - start)
-print("TIMES", json.dumps(times), flush=True)
+    cpus.append(time.process_time() - cpu)
+print("TIMES", json.dumps([times, cpus]), flush=True)
 """
 
 
-def run_baseline(data: dict[str, Any], root: Path, n: int, warm: bool = True) -> tuple[float, list[float]]:
-    """Two processes at once, n timed trials each; returns (wall of the timed part per trial, trial times)."""
+def run_baseline(data: dict[str, Any], root: Path, n: int, warm: bool = True) -> tuple[float, list[float], list[float]]:
+    """Two processes at once, n timed trials each; returns (wall of the timed part per trial, trial times,
+    trial CPU times)."""
     spec_file = root / "baseline.json"
     spec_file.write_text(json.dumps(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -123,14 +127,16 @@ def run_baseline(data: dict[str, Any], root: Path, n: int, warm: bool = True) ->
         )
         for s in (0, 1)
     ]
-    times = []
+    times, cpus = [], []
     for p in procs:
         out, _ = p.communicate()
-        times.append(json.loads(out.split("TIMES", 1)[1])[1:])  # drop each process's warm-up trial
+        walls, cpu = json.loads(out.split("TIMES", 1)[1])
+        times.append(walls[1:])  # drop each process's warm-up trial
+        cpus += cpu[1:]
     timed = [t for ts in times for t in ts]
     # the two processes ran side by side: the wall of the timed part is the slower process's sum
     wall = max(sum(ts) for ts in times)
-    return wall / len(timed), timed
+    return wall / len(timed), timed, cpus
 
 
 def rss_mb() -> float:
@@ -164,12 +170,30 @@ def process_cpu() -> dict[str, float]:
     return {"driver": own, "ray": ray_procs}
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, summed by thread name (/proc/self/task/*/comm): the
+    Python threads (MainThread runs Tune, mlflow-writer MLflow) and Ray's core worker threads."""
+    import threading
+
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = python_names.get(int(task.name)) or (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--wave-size", type=int, default=500)
     parser.add_argument("--baseline", type=int, default=10, help="timed baseline trials per process, before and after")
-    parser.add_argument("--steps", type=int, default=10, help="fine-tuning steps per trial (an evaluation every 10)")
+    parser.add_argument("--steps", type=int, default=20, help="fine-tuning steps per trial (an evaluation every 10)")
     parser.add_argument("--floor-seconds", type=float, default=30, help="how long to measure the idle Ray first")
     args = parser.parse_args()
 
@@ -185,10 +209,10 @@ def main() -> None:
 
     spec = parse_spec(data)
     print(f"working in {tmp}", flush=True)
-    before, times = run_baseline(data, tmp, args.baseline)
+    before, times, cpus = run_baseline(data, tmp, args.baseline)
     print(
         f"baseline before the sweep: {len(times)} trials, two processes at once: {before:.2f} s of wall per trial "
-        f"(each trial {sum(times) / len(times):.2f} s on its core)",
+        f"(each trial {sum(times) / len(times):.2f} s on its core, {sum(cpus) / len(cpus):.2f} CPU-s)",
         flush=True,
     )
 
@@ -201,7 +225,10 @@ def main() -> None:
     cores = os.cpu_count() or 1
     memory = [("start", rss_mb())]
 
+    threads_at_end: dict[str, float] = {}
+
     def on_wave(w: int, rows: list) -> None:
+        threads_at_end.update(thread_cpu())  # the MLflow writer's thread ends with the sweep
         memory.append((f"after wave {w}", rss_mb()))
         print(f"[bench] wave {w}: {len(rows)} trials, driver RSS {memory[-1][1]:.0f} MiB", flush=True)
 
@@ -212,12 +239,17 @@ def main() -> None:
     time.sleep(args.floor_seconds)
     floor = (cpu_ticks()["busy"] - rest0["busy"]) / args.floor_seconds  # cores busy at rest
     uri = default_tracking_uri()
-    ticks0, procs0, start = cpu_ticks(), process_cpu(), time.perf_counter()
+    threads0, ticks0, procs0, start = thread_cpu(), cpu_ticks(), process_cpu(), time.perf_counter()
     outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False)
     wall, ticks1, procs1 = time.perf_counter() - start, cpu_ticks(), process_cpu()
     ray.shutdown()
-    after, times_after = run_baseline(data, tmp, args.baseline, warm=False)
-    print(f"baseline after the sweep: {after:.2f} s of wall per trial", flush=True)
+    after, times_after, cpus_after = run_baseline(data, tmp, args.baseline, warm=False)
+    print(
+        f"baseline after the sweep: {after:.2f} s of wall per trial ({sum(cpus_after) / len(cpus_after):.2f} CPU-s)",
+        flush=True,
+    )
+    # The same count for the plain calls: the machine's core-seconds per trial against a trial's CPU time.
+    plain = cores * (before + after) / 2 / ((sum(cpus) + sum(cpus_after)) / (len(cpus) + len(cpus_after)))
     per_trial = (before + after) / 2
 
     from mlflow import MlflowClient
@@ -267,6 +299,12 @@ def main() -> None:
         f"{ray_own / len(outcome.rows) * 1000:.0f} ms, the rest (trial workers outside the trial function: "
         f"starting, importing, loading, Tune's worker loop) {rest / len(outcome.rows) * 1000:.0f} ms"
     )
+    by_thread = sorted(((threads_at_end[k] - threads0.get(k, 0.0), k) for k in threads_at_end), reverse=True)
+    print(
+        "  the driver's CPU per trial by thread, up to the end of the last wave (MainThread: Tune, the searcher, "
+        "the callbacks; mlflow-writer: MLflow; the rest: Ray's core worker): "
+        + ", ".join(f"{name} {cpu / len(outcome.rows) * 1000:.0f} ms" for cpu, name in by_thread[:6] if cpu > 0)
+    )
     # The floor takes floor / cores of every core-second whatever the trials are; what is left is paid per
     # trial, so its share shrinks as trials grow.
     floor_share = floor * wall / in_trials
@@ -282,6 +320,11 @@ def main() -> None:
     print(
         f"overhead vs the plain-call baseline (wall, {before:.2f} s per trial before the sweep and {after:.2f} s "
         f"after; the difference is this machine's drift): {wall / ideal - 1:+.1%}"
+    )
+    print(
+        f"the same core-second count for the plain calls (the machine's core-seconds per trial against a trial's "
+        f"CPU time): {plain - 1:+.1%}; the sweep's count less this, what the orchestrator adds in core-seconds: "
+        f"{available / in_trials - plain:+.1%}"
     )
     print("driver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory) + f"; peak {peak:.0f}")
     tr = outcome.tracker
