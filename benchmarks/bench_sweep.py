@@ -171,20 +171,20 @@ def process_cpu() -> dict[str, float]:
 
 
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process's threads, summed by thread name (/proc/self/task/*/comm): the
-    Python threads (MainThread runs Tune, mlflow-writer MLflow) and Ray's core worker threads."""
+    """CPU seconds so far of this process's threads, summed by name: the Python threads' own (MainThread runs
+    Tune, mlflow-writer MLflow), else the OS's (/proc/self/task/*/comm: Ray's core worker threads)."""
     import threading
 
+    import psutil
+
     python_names = {t.native_id: t.name for t in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for task in Path("/proc/self/task").iterdir():
+    for t in psutil.Process().threads():
         try:
-            name = python_names.get(int(task.name)) or (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = python_names.get(t.id) or Path(f"/proc/self/task/{t.id}/comm").read_text().strip()
         except OSError:  # a thread that ended meanwhile
             continue
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
     return out
 
 
