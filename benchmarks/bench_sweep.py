@@ -197,8 +197,11 @@ def main() -> None:
     parser.add_argument("--floor-seconds", type=float, default=30, help="how long to measure the idle Ray first")
     args = parser.parse_args()
 
+    from orchestrator.cli import NO_TELEMETRY
+
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in NO_TELEMETRY.items():  # the environment `resurgence run` gives its driver
+        os.environ.setdefault(name, value)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     os.chdir(tmp)
     data = bench_spec(args.trials, args.wave_size, args.steps)

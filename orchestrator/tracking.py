@@ -56,6 +56,49 @@ def check_tracking_uri(uri: str) -> str:
     return uri
 
 
+# Filesystems where SQLite's write-ahead log works: it needs shared memory between the processes that open
+# the database, which network filesystems (NFS, SMB, FUSE mounts) do not give (sqlite.org/wal.html).
+LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "apfs", "hfs")
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (the longest mount point above it in /proc/mounts), or
+    None where that cannot be told (no /proc: not Linux)."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    path, best = path.resolve(), ("", None)
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        if (path == Path(point) or Path(point) in path.parents) and len(point) > len(best[0]):
+            best = (point, fields[2])
+    return best[1]
+
+
+def use_wal(uri: str) -> bool:
+    """Put a SQLite tracking store on local disk in write-ahead-log mode (a setting the database file
+    keeps); returns whether it is. A commit then appends to one log instead of writing and deleting a
+    rollback journal (about a third less time per `log_batch` on this machine), and readers, such as
+    `mlflow ui` or `resurgence report` during a sweep, no longer block the sweep's writer. Stores of other
+    kinds, and SQLite files on a network filesystem, are left as they are."""
+    if urlparse(uri).scheme != "sqlite":
+        return False
+    path = Path(uri.removeprefix("sqlite:///"))
+    if filesystem_type(path.parent) not in LOCAL_FILESYSTEMS:
+        return False
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+            return db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal"
+    except sqlite3.Error:  # e.g. another process holds the store just now: it works as it was
+        return False
+
+
 def git_sha() -> str:
     """The commit of this code: $RESURGENCE_GIT_SHA if set (e.g. by a job without .git), else git's answer
     in the package's own checkout, else "unknown"."""
@@ -125,6 +168,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.uri = tracking_uri
+        use_wal(tracking_uri)  # before MLflow's first connection: a fresh store is created in WAL mode
         self.client = MlflowClient(tracking_uri)
         self.write_seconds = 0.0  # time spent inside MLflow calls (the benchmark reports it)
         self.calls = 0

@@ -122,3 +122,33 @@ def test_the_same_spec_is_found_again_from_another_working_directory():
     moved = {**spec, "cache_dir": "/tmp/ray/session_2/pkg/.resurgence_cache", "storage_path": "/shared/r"}
     assert spec_hash(spec) == spec_hash(moved)
     assert spec_hash(spec) != spec_hash({**spec, "search": {"num_samples": 5}})
+
+
+def test_local_sqlite_store_uses_a_write_ahead_log(uri, tmp_path, monkeypatch):
+    import sqlite3
+
+    import orchestrator.tracking as tracking
+
+    tracker = Tracker(uri, "exp", linger_s=0)
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # A reader in the middle of a transaction (the MLflow UI, a report) does not hold up the sweep's writes.
+    reader = sqlite3.connect(db, timeout=0.1)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 0
+    run = tracker.start_run("t", {})
+    tracker.log(run, metrics=[("m", 1.0, 0)])
+    tracker.end(run)
+    assert tracker.close(30) and not tracker.errors
+    assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 0  # its snapshot is unchanged
+    reader.rollback()
+    assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    reader.close()
+    # Left alone: a store on a network filesystem (WAL needs shared memory), and stores that are not SQLite.
+    monkeypatch.setattr(tracking, "filesystem_type", lambda path: "nfs4")
+    other = tmp_path / "nfs.db"
+    assert not tracking.use_wal(f"sqlite:///{other}")
+    assert not other.exists()
+    assert not tracking.use_wal("http://127.0.0.1:5000")
+    assert tracking.filesystem_type(tmp_path) is not None
