@@ -151,4 +151,5 @@ def test_local_sqlite_store_uses_a_write_ahead_log(uri, tmp_path, monkeypatch):
     assert not tracking.use_wal(f"sqlite:///{other}")
     assert not other.exists()
     assert not tracking.use_wal("http://127.0.0.1:5000")
+    assert not tracking.use_wal("sqlite://")  # in memory
     assert tracking.filesystem_type(tmp_path) is not None
