@@ -106,7 +106,7 @@ def main() -> None:
         data["storage_path"], data["cache_dir"] = str(tmp / "ray_results"), str(tmp / "cache")  # one erase cache
         spec = parse_spec(data)
         start = time.perf_counter()
-        outcome = run_sweep(spec, data, uri, "toy_resurgence.yaml", write_html=False)
+        outcome = run_sweep(spec, data, uri, "toy_resurgence.yaml", write_html=False, one_node=True)
         results[label] = (outcome, time.perf_counter() - start, curves(uri, outcome.run_name, spec.name))
     ray.shutdown()
 

@@ -16,9 +16,10 @@ Side by side in one run:
    this machine's speed, which drifts by tens of percent over minutes (the same trial took 4.8 to 8.4 s
    in one process). Run nothing else meanwhile: /proc/stat counts the whole machine. The overhead is then
    split in two: the floor, what the machine burns with Ray up and no trial to run (its GCS, raylet,
-   agents and monitors, the kernel; measured for `--floor-seconds` before the sweep), a share of the machine
-   whatever the trials are; and the rest, a cost per trial that shrinks, as a share, as trials grow. From
-   the two it prints the trial size (CPU-s) at which the overhead would be under 5% on this machine.
+   agents and monitors, the kernel; measured for `--floor-seconds` before the sweep, without Ray's idle
+   workers, whose place the trial actors take), a share of the machine whatever the trials are; and the
+   rest, a cost per trial that shrinks, as a share, as trials grow. From the two it prints the trial size
+   (CPU-s) at which the overhead would be under 5% on this machine.
 2. **Baseline**: `--baseline` trials of the same kind as plain `execute_trial` calls in two processes at
    once (one per core, one thread each, as Ray runs trials), before and after the sweep, after a warm-up
    trial that loads the model and fills the erase cache: overhead = sweep wall / (trials x baseline wall
@@ -152,22 +153,66 @@ def cpu_ticks() -> dict[str, float]:
     return {"busy": user + nice + system + irq + softirq, "idle": idle + iowait, "steal": steal}
 
 
-def process_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process (the driver: Tune, the searcher, the MLflow writer thread) and of
-    Ray's own processes below it (GCS, raylet, ...), trial workers apart."""
-    import psutil
+def is_trial_worker(cmdline: str) -> bool:
+    """A Ray worker process (a trial's actor, or an idle one waiting to become one), not one of Ray's
+    agents (`ray::DashboardAgent`, `ray::RuntimeEnvAgent`), which are Ray's own processes."""
+    return (cmdline.startswith("ray::") and "Agent" not in cmdline) or "default_worker" in cmdline
 
-    me = psutil.Process()
-    own = sum(me.cpu_times()[:2])
-    ray_procs = 0.0
-    for child in me.children(recursive=True):
-        try:
-            if not child.name().startswith("ray::") and "default_worker" not in " ".join(child.cmdline()):
+
+class ProcessCPU:
+    """CPU seconds of the driver (this process: Tune, the searcher, the MLflow writer thread), of Ray's own
+    processes below it (GCS, raylet, agents, monitors) and of its worker processes, from a start. Workers
+    come and go (a Tuner's actors end with its wave), so every process is sampled every `every_s` seconds
+    and counted at its last sample: a worker loses at most its last `every_s` seconds, spent ending. The
+    sampling's own CPU time (`sampler`) is counted apart: it is the benchmark's, not the orchestrator's."""
+
+    def __init__(self, every_s: float = 3.0) -> None:
+        import threading
+
+        import psutil
+
+        self.me = psutil.Process()
+        self.at_start: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.kinds: dict[int, str] = {}  # pid -> "workers" or "ray" (a command line is read once)
+        self.own = 0.0  # the sampling thread's CPU seconds
+        self.driver0 = sum(self.me.cpu_times()[:2])
+        self._sample(self.at_start)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(every_s,), name="bench-sampler", daemon=True)
+        self.thread.start()
+
+    def _sample(self, into: dict | None = None) -> None:
+        import psutil
+
+        for child in self.me.children(recursive=True):
+            try:
+                if child.pid not in self.kinds:
+                    self.kinds[child.pid] = "workers" if is_trial_worker(" ".join(child.cmdline())) else "ray"
                 times = child.cpu_times()
-                ray_procs += times.user + times.system
-        except psutil.Error:
-            pass
-    return {"driver": own, "ray": ray_procs}
+            except psutil.Error:  # ended meanwhile
+                continue
+            kind = self.kinds[child.pid]
+            if into is not None:
+                into[child.pid] = times.user + times.system
+            else:
+                self.last[child.pid] = (kind, times.user + times.system)
+
+    def _run(self, every_s: float) -> None:
+        while not self.stopped.wait(every_s):
+            start = time.thread_time()
+            self._sample()
+            self.own += time.thread_time() - start
+
+    def stop(self) -> dict[str, float]:
+        self.stopped.set()
+        self.thread.join()
+        self._sample()
+        driver = sum(self.me.cpu_times()[:2]) - self.driver0 - self.own
+        out = {"driver": driver, "ray": 0.0, "workers": 0.0, "sampler": self.own}
+        for pid, (kind, cpu) in self.last.items():
+            out[kind] += cpu - self.at_start.get(pid, 0.0)
+        return out
 
 
 def thread_cpu() -> dict[str, float]:
@@ -239,12 +284,18 @@ def main() -> None:
     # the kernel), per second; it goes on for the whole sweep whatever the trials are.
     time.sleep(5)
     rest0 = cpu_ticks()
+    at_rest = ProcessCPU()
     time.sleep(args.floor_seconds)
-    floor = (cpu_ticks()["busy"] - rest0["busy"]) / args.floor_seconds  # cores busy at rest
+    resting = at_rest.stop()
+    # Ray's idle workers (started ahead for tasks to come) are not counted: the sweep's trial actors take
+    # their place (their own wake-ups then count in the trials' CPU time or as workers outside trials).
+    idle_workers = resting["workers"] / args.floor_seconds
+    busy_at_rest = cpu_ticks()["busy"] - rest0["busy"] - resting["sampler"]
+    floor = busy_at_rest / args.floor_seconds - idle_workers  # cores busy at rest
     uri = default_tracking_uri()
-    threads0, ticks0, procs0, start = thread_cpu(), cpu_ticks(), process_cpu(), time.perf_counter()
-    outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False)
-    wall, ticks1, procs1 = time.perf_counter() - start, cpu_ticks(), process_cpu()
+    threads0, ticks0, procs, start = thread_cpu(), cpu_ticks(), ProcessCPU(), time.perf_counter()
+    outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False, one_node=True)
+    wall, ticks1, by_process = time.perf_counter() - start, cpu_ticks(), procs.stop()
     ray.shutdown()
     after, times_after, cpus_after = run_baseline(data, tmp, args.baseline, warm=False)
     print(
@@ -276,10 +327,12 @@ def main() -> None:
 
     done = [r for r in outcome.rows if not r["error"]]
     in_trials = sum(r["trial_cpu_seconds"] for r in done)
-    available = cores * wall
+    available = cores * wall - by_process["sampler"]
     busy, idle, steal = (ticks1[k] - ticks0[k] for k in ("busy", "idle", "steal"))
-    driver, ray_own = (procs1[k] - procs0[k] for k in ("driver", "ray"))
-    rest = busy - in_trials - driver - ray_own
+    busy -= by_process["sampler"]  # the benchmark's own sampling of the processes: not the orchestrator's
+    driver, ray_own, workers = (by_process[k] for k in ("driver", "ray", "workers"))
+    outside = workers - in_trials  # trial workers outside the trial function
+    rest = busy - in_trials - driver - ray_own - outside
     ideal = len(outcome.rows) * per_trial
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("\n=== bench_sweep ===")
@@ -299,10 +352,13 @@ def main() -> None:
     )
     print(
         f"  orchestration CPU per trial: driver {driver / len(outcome.rows) * 1000:.0f} ms, Ray's own processes "
-        f"{ray_own / len(outcome.rows) * 1000:.0f} ms, the rest (trial workers outside the trial function: "
-        f"starting, importing, loading, Tune's worker loop) {rest / len(outcome.rows) * 1000:.0f} ms"
+        f"(GCS, raylet, agents) {ray_own / len(outcome.rows) * 1000:.0f} ms, trial workers outside the trial "
+        f"function (starting, importing, Tune's worker loop, idle workers) {outside / len(outcome.rows) * 1000:.0f} "
+        f"ms, the rest (the kernel: writeback, page reclaim, its monitors) {rest / len(outcome.rows) * 1000:.0f} ms"
     )
-    by_thread = sorted(((threads_at_end[k] - threads0.get(k, 0.0), k) for k in threads_at_end), reverse=True)
+    by_thread = sorted(
+        ((threads_at_end[k] - threads0.get(k, 0.0), k) for k in threads_at_end if k != "bench-sampler"), reverse=True
+    )
     print(
         "  the driver's CPU per trial by thread, up to the end of the last wave (MainThread: Tune, the searcher, "
         "the callbacks; mlflow-writer: MLflow; the rest: Ray's core worker): "
@@ -316,7 +372,8 @@ def main() -> None:
     needed = per_trial_cost / (0.05 - floor_share) if floor_share < 0.05 else math.inf
     print(
         f"  split: the floor (Ray's processes and the kernel with nothing to run, {floor:.1%} of a core, measured "
-        f"for {args.floor_seconds:.0f} s before the sweep) is {floor_share:+.1%} whatever the trials; the rest is "
+        f"for {args.floor_seconds:.0f} s before the sweep, Ray's {idle_workers:.1%} in idle workers apart) is "
+        f"{floor_share:+.1%} whatever the trials; the rest is "
         f"{per_trial_cost:.2f} core-s per trial, {per_trial_cost / trial_cpu:+.1%} of these {trial_cpu:.1f} CPU-s "
         f"trials. Under 5% in all needs trials of {needed:.1f} CPU-s or more on this {cores}-core machine"
     )

@@ -7,9 +7,9 @@ change closed-form edits). The storage is any URI that pyarrow's filesystems ope
 `file://...`, `s3://bucket/prefix`, `gs://...`. An entry is complete when its `COMPLETE` marker exists;
 the marker is written after every file, so a reader never sees half an entry.
 
-Exactly one producer per key: before producing, a trial takes a *lease* on the key. Inside a Ray job the
-leases live in one named actor (`LeaseActor`), shared by every trial on every node; without Ray (scripts,
-the benchmark) they are lock files on local disk. A trial that finds the lease taken waits for the
+Exactly one producer per key: before producing, a trial takes a *lease* on the key. On a Ray cluster the
+leases live in one named actor (a `LeaseTable`), shared by every trial on every node; on one machine (the
+local Ray that `resurgence run` starts, scripts without Ray) they are lock files on local disk. A trial that finds the lease taken waits for the
 marker; if the producer dies, its lease expires (it is renewed every few seconds while producing) and a
 waiting trial takes over. Entries are downloaded once per node into a local staging folder.
 """
@@ -306,7 +306,7 @@ def cache_root(storage_path: str) -> str:
 
 
 def open_cache(storage_path: str, staging: Path, lease_actor_name: str | None = None) -> EraseCache:
-    """The run's erase cache: leases from the sweep's actor inside Ray, lock files otherwise."""
+    """The run's erase cache: leases from the sweep's actor when it has one, lock files otherwise."""
     if lease_actor_name:
         import ray
 

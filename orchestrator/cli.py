@@ -234,7 +234,7 @@ def drive(
         if not args.address:
             raise  # a local Ray that fails to start is not a user-input error
         raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
-    outcome = run_sweep(spec, data, uri, spec_file, resume=resume)
+    outcome = run_sweep(spec, data, uri, spec_file, resume=resume, one_node=not args.address)
     rows = rank(outcome.rows, spec)
     print_table(rows, spec)
     print(f"\nMLflow: {len(rows)} trial runs under parent run {outcome.parent} (experiment {spec.name!r})")

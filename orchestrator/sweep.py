@@ -77,7 +77,7 @@ def run_attack(
     opening: Opening,
     run_name: str,
     tags: dict[str, str],
-    lease: str,
+    lease: str | None,
     on_wave: Callable[[int, list[Row]], None] | None = None,
     resumed: bool = False,
 ) -> list[Row]:
@@ -139,10 +139,14 @@ def run_sweep(
     on_wave: Callable[[int, list[Row]], None] | None = None,
     write_html: bool = True,
     resume: SweepState | None = None,
+    one_node: bool = False,
 ) -> Outcome:
     """The whole sweep on a connected Ray: the lease actor, the parent run, the attacker or defender
     search, the summary metrics and the report; the parent run ends FINISHED when a trial finished.
-    `resume`: continue a sweep whose driver died (its state file, its MLflow runs, Tune's experiment state)."""
+    `resume`: continue a sweep whose driver died (its state file, its MLflow runs, Tune's experiment state).
+    `one_node`: this Ray is one machine's alone (the local Ray `resurgence run` starts): the erase cache's
+    leases are lock files on its disk, not an actor (an idle Ray worker costs about 1.3% of a core: it
+    wakes every 10 ms to check for signals)."""
     from orchestrator.cache import start_lease_actor
     from orchestrator.tracking import git_sha, version_tags
 
@@ -162,8 +166,10 @@ def run_sweep(
 
     res = ray.cluster_resources()
     print(f"Ray: {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; sweep {run_name}", flush=True)
-    lease = f"erase-leases-{run_name}"
-    lease_actor = start_lease_actor(lease)  # one producer per erased model, across the whole sweep
+    # One producer per erased model, across the whole sweep: a lease actor that every node's trials ask,
+    # or (one_node) lock files in the cache's local folder.
+    lease = None if one_node else f"erase-leases-{run_name}"
+    lease_actor = None if lease is None else start_lease_actor(lease)
     # MLflow's set-up (seconds for a fresh SQLite store) overlaps Tune's start of the first trial actors,
     # which import torch and diffusers in their own processes; the callbacks wait for it on first use.
     pool = ThreadPoolExecutor(max_workers=1)
@@ -190,7 +196,8 @@ def run_sweep(
         ended = True
         return Outcome(rows, run_name, parent, tracker, index, ok)
     finally:
-        ray.kill(lease_actor)
+        if lease_actor is not None:
+            ray.kill(lease_actor)
         if opening.exception() is None:
             tracker, parent = opening.result()
             tracker.end(parent, status)
@@ -415,7 +422,7 @@ def run_defense(
     opening: Opening,
     run_name: str,
     tags: dict[str, str],
-    lease: str,
+    lease: str | None,
     on_wave: Callable[[int, list[Row]], None] | None = None,
     resumed: bool = False,
 ) -> list[Row]:

@@ -45,6 +45,9 @@ def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
     # erase once: the four trials share one erase config, so exactly one of them erased
     assert parent.data.metrics["erase_cache_miss"] == 1
     assert sorted(r.data.tags["erase_cache"] for r in runs if "erase_cache" in r.data.tags).count("miss") == 1
+    # on the local Ray the leases are lock files on this machine (no lease actor), all released at the end
+    leases = tmp_path / ".resurgence_cache" / "erased" / "leases"
+    assert leases.is_dir() and not list(leases.iterdir())
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"experiment.yaml", "report"}
     # the report written at the end of the run, also logged to the parent run
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
