@@ -78,7 +78,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tm.add_argument("--steps", type=_positive_int, default=3500, help="optimizer steps (default 3500)")
     tm.add_argument("--seed", type=int, default=0)
     tm.add_argument("--check-every", type=_positive_int, default=500, help="steps between prompt-following checks")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command in ("run", "resume"):
+        # `ray job submit` gives its entrypoint the cluster's address in RAY_ADDRESS, and ray.init would follow
+        # it: a driver started there without --address runs on that cluster, so it is treated as one.
+        args.address_field = "--address"
+        if not args.address and os.environ.get("RAY_ADDRESS"):
+            args.address, args.address_field = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    return args
 
 
 def _positive_int(text: str) -> int:
@@ -135,7 +142,8 @@ def check_resources(spec: ExperimentSpec, args: argparse.Namespace) -> None:
     from orchestrator.search import DRIVER_CPU
 
     if args.address and args.num_cpus:
-        raise SpecError("--num-cpus: sizes a local Ray only; a cluster's CPUs are its own (drop it with --address)")
+        where = "with --address" if args.address_field == "--address" else "when RAY_ADDRESS names a cluster"
+        raise SpecError(f"--num-cpus: sizes a local Ray only; a cluster's CPUs are its own (drop it {where})")
     workers = spec.distributed.workers if spec.distributed is not None else 1  # a trial's processes
     need = spec.resources.cpu * workers + (DRIVER_CPU if spec.distributed is not None else 0)
     if need > (args.num_cpus or os.cpu_count() or 1) and not args.address:
@@ -223,17 +231,20 @@ def drive(
     from orchestrator.sweep import rank, run_sweep
 
     if args.address:
-        check_address(args.address)  # a wrong address is bad input: fail before any MLflow run exists
+        # a wrong address is bad input: fail before any MLflow run exists
+        check_address(args.address, args.address_field)
     try:
         if args.address:
             ray.init(address=args.address)
         else:
-            # A local Ray listens on this machine's loopback only.
-            ray.init(include_dashboard=False, num_cpus=args.num_cpus, _node_ip_address="127.0.0.1")
+            # A new Ray of this driver's own, listening on this machine's loopback only ("local": not a Ray
+            # that `ray start` left running here, which ray.init would join; its leases are files on this disk).
+            ray.init(address="local", include_dashboard=False, num_cpus=args.num_cpus, _node_ip_address="127.0.0.1")
     except (ConnectionError, ValueError, RuntimeError) as err:
         if not args.address:
             raise  # a local Ray that fails to start is not a user-input error
-        raise SpecError(f"--address: cannot connect to Ray at {args.address!r} ({first_line(err)})") from None
+        field, address = args.address_field, args.address
+        raise SpecError(f"{field}: cannot connect to Ray at {address!r} ({first_line(err)})") from None
     outcome = run_sweep(spec, data, uri, spec_file, resume=resume, one_node=not args.address)
     rows = rank(outcome.rows, spec)
     print_table(rows, spec)
@@ -244,8 +255,9 @@ def drive(
     return 0 if outcome.ok else 1
 
 
-def check_address(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+def check_address(address: str, field: str = "--address", timeout_s: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes); `field` names where
+    the address came from in the error (the flag or RAY_ADDRESS)."""
     import socket
     from urllib.parse import urlparse
 
@@ -253,11 +265,11 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
         return
     parsed = urlparse(address if "://" in address else f"gcs://{address}")
     if parsed.hostname is None or parsed.port is None:
-        raise SpecError(f"--address: expected auto, HOST:PORT or ray://HOST:PORT (got {address!r})")
+        raise SpecError(f"{field}: expected auto, HOST:PORT or ray://HOST:PORT (got {address!r})")
     try:
         socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
     except OSError as err:
-        raise SpecError(f"--address: nothing answers at {parsed.hostname}:{parsed.port} ({err})") from None
+        raise SpecError(f"{field}: nothing answers at {parsed.hostname}:{parsed.port} ({err})") from None
 
 
 def first_line(err: BaseException) -> str:

@@ -130,6 +130,13 @@ def test_bad_flags(tmp_path, monkeypatch, capsys):
     assert "--address: expected auto, HOST:PORT" in capsys.readouterr().err
     assert main(["run", str(spec), "--num-cpus", "2", "--address", "auto"]) == 2
     assert "--num-cpus: sizes a local Ray only" in capsys.readouterr().err
+    # `ray job submit` hands its entrypoint the cluster's address in RAY_ADDRESS: it counts as --address
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert main(["run", str(spec)]) == 2
+    assert "RAY_ADDRESS: nothing answers at 127.0.0.1:1" in capsys.readouterr().err
+    assert main(["run", str(spec), "--num-cpus", "2"]) == 2
+    assert "(drop it when RAY_ADDRESS names a cluster)" in capsys.readouterr().err
+    monkeypatch.delenv("RAY_ADDRESS")
     assert main(["run", str(_spec(tmp_path, resources={"cpu": 4})), "--num-cpus", "2"]) == 2
     assert "resources.cpu: a trial asks for 4 CPUs (1 worker(s)) but the local Ray has 2" in capsys.readouterr().err
     assert main(["run", str(spec), "--storage-path", "nope://bucket/x"]) == 2
