@@ -87,6 +87,22 @@ def test_ray_job_submit_to_a_ray_head_with_an_mlflow_server(tmp_path, server_env
         for path in (tmp_path / "artifacts").rglob("*"):
             if path.is_file() and path.suffix in (".yaml", ".html", ".json", ".txt"):
                 assert secret not in path.read_text(errors="ignore"), path
+
+        # A run without --address and without RAY_ADDRESS, on this machine where the `ray start` cluster
+        # runs, starts a Ray of its own (ray.init would join that cluster and refuse --num-cpus).
+        (tmp_path / "local").mkdir()
+        local = subprocess.run(
+            [str(BIN / "python"), "-m", "orchestrator", "run", str(REPO / "search_spaces" / "smoke.yaml")]
+            + ["--smoke-test", "--num-cpus", "1"],
+            cwd=tmp_path / "local",
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
+        assert "Ray: 1 CPUs, 0 GPUs" in local.stdout  # its own: the cluster has 2
+        assert (tmp_path / "local" / "mlflow.db").exists()
     finally:
         head.stop()
         mlflow_server.stop()
