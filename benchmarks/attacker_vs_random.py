@@ -94,11 +94,12 @@ def main() -> None:
 
     import ray
 
+    from orchestrator.cli import start_local_ray
     from orchestrator.spec import parse_spec
     from orchestrator.sweep import run_sweep
     from orchestrator.tracking import default_tracking_uri
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    start_local_ray(num_cpus=2, configure_logging=False)  # the Ray `resurgence run` starts
     uri = default_tracking_uri()
     results = {}
     for label, algorithm, asha in (("attacker (TPE + ASHA on the proxy)", "tpe", True), ("random", "random", False)):

@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--floor-seconds", type=float, default=30, help="how long to measure the idle Ray first")
     args = parser.parse_args()
 
-    from orchestrator.cli import NO_TELEMETRY
+    from orchestrator.cli import NO_TELEMETRY, start_local_ray
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     for name, value in NO_TELEMETRY.items():  # the environment `resurgence run` gives its driver
@@ -268,7 +268,7 @@ def main() -> None:
     from orchestrator.sweep import run_sweep
     from orchestrator.tracking import default_tracking_uri
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    start_local_ray(num_cpus=2, configure_logging=False)  # the Ray `resurgence run` starts
     cores = os.cpu_count() or 1
     memory = [("start", rss_mb())]
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -257,3 +258,29 @@ def test_resume_checks_the_ray_flags_before_anything_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("resurgence: error: resources.cpu: a trial asks for 4 CPUs") and err.count("\n") == 1
     assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_local_ray_starts_with_its_daemons_quieted_unless_the_user_set_them(monkeypatch):
+    import ray
+
+    from orchestrator.cli import QUIET_LOCAL_RAY, start_local_ray
+
+    for name in QUIET_LOCAL_RAY:
+        monkeypatch.setenv(name, "")  # recorded, so the environment is restored afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("REPORTER_UPDATE_INTERVAL_MS", "1234")  # the user's own choice is kept
+    start_local_ray(num_cpus=1, configure_logging=False)
+    try:
+        # Ray's daemons read these at start-up: the log monitor's environment has them, as do the workers'
+        monitor = ray._private.worker._global_node.all_processes["log_monitor"][0].process.pid
+        environ = dict(
+            line.split("=", 1) for line in Path(f"/proc/{monitor}/environ").read_text().split("\0") if "=" in line
+        )
+        worker_env = ray.get(ray.remote(lambda: dict(os.environ)).remote())
+        for env in (environ, worker_env):
+            assert env["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
+            assert env["LOG_NAME_UPDATE_INTERVAL_S"] == "5"
+            assert env["RAY_enable_metrics_collection"] == "false"
+            assert env["REPORTER_UPDATE_INTERVAL_MS"] == "1234"
+    finally:
+        ray.shutdown()
