@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import yaml
@@ -92,21 +93,26 @@ spec0 = trial_spec(data, {})
 cache = open_cache(spec0.storage_path, Path(spec0.cache_dir) / "erased")
 import random
 rng = random.Random(seed)
-times, cpus = [], []
+TRAINABLE = ["full", "xattn", "lora"]
+times, cpus, kinds = [], [], []
 for i in range(n + 1):  # trial 0 warms up: loads the model, evaluates the base, erases (or loads the erasure)
     config = {"finetune.config.lr": 10 ** rng.uniform(-4, -3)}
-    config["finetune.config.trainable"] = rng.choice(["full", "xattn", "lora"])
+    # the subsets in turn, in equal shares as the sweep draws them (they cost up to 15% apart)
+    config["finetune.config.trainable"] = TRAINABLE[(i + seed) % len(TRAINABLE)]
+    kinds.append(config["finetune.config.trainable"])
     start, cpu = time.perf_counter(), time.process_time()
     execute_trial(trial_spec(data, config), lambda m: None, root / f"trial{seed}-{i}", cache)
     times.append(time.perf_counter() - start)
     cpus.append(time.process_time() - cpu)
-print("TIMES", json.dumps([times, cpus]), flush=True)
+print("TIMES", json.dumps([times, cpus, kinds]), flush=True)
 """
 
 
-def run_baseline(data: dict[str, Any], root: Path, n: int, warm: bool = True) -> tuple[float, list[float], list[float]]:
+def run_baseline(
+    data: dict[str, Any], root: Path, n: int, warm: bool = True
+) -> tuple[float, list[float], list[float], list[str]]:
     """Two processes at once, n timed trials each; returns (wall of the timed part per trial, trial times,
-    trial CPU times)."""
+    trial CPU times, each trial's trainable subset)."""
     spec_file = root / "baseline.json"
     spec_file.write_text(json.dumps(data))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -127,16 +133,17 @@ def run_baseline(data: dict[str, Any], root: Path, n: int, warm: bool = True) ->
         )
         for s in (0, 1)
     ]
-    times, cpus = [], []
+    times, cpus, kinds = [], [], []
     for p in procs:
         out, _ = p.communicate()
-        walls, cpu = json.loads(out.split("TIMES", 1)[1])
+        walls, cpu, kind = json.loads(out.split("TIMES", 1)[1])
         times.append(walls[1:])  # drop each process's warm-up trial
         cpus += cpu[1:]
+        kinds += kind[1:]
     timed = [t for ts in times for t in ts]
     # the two processes ran side by side: the wall of the timed part is the slower process's sum
     wall = max(sum(ts) for ts in times)
-    return wall / len(timed), timed, cpus
+    return wall / len(timed), timed, cpus, kinds
 
 
 def rss_mb() -> float:
@@ -256,7 +263,7 @@ def main() -> None:
 
     spec = parse_spec(data)
     print(f"working in {tmp}", flush=True)
-    before, times, cpus = run_baseline(data, tmp, args.baseline)
+    before, times, cpus, kinds = run_baseline(data, tmp, args.baseline)
     print(
         f"baseline before the sweep: {len(times)} trials, two processes at once: {before:.2f} s of wall per trial "
         f"(each trial {sum(times) / len(times):.2f} s on its core, {sum(cpus) / len(cpus):.2f} CPU-s)",
@@ -296,7 +303,7 @@ def main() -> None:
     outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False, one_node=True)
     wall, ticks1, by_process = time.perf_counter() - start, cpu_ticks(), procs.stop()
     ray.shutdown()
-    after, times_after, cpus_after = run_baseline(data, tmp, args.baseline, warm=False)
+    after, times_after, cpus_after, kinds_after = run_baseline(data, tmp, args.baseline, warm=False)
     print(
         f"baseline after the sweep: {after:.2f} s of wall per trial ({sum(cpus_after) / len(cpus_after):.2f} CPU-s)",
         flush=True,
@@ -387,6 +394,24 @@ def main() -> None:
         f"the same core-second count for the plain calls (the machine's core-seconds per trial against a trial's "
         f"CPU time): {plain - 1:+.1%}; the sweep's count less this, what the orchestrator adds in core-seconds: "
         f"{available / in_trials - plain:+.1%}"
+    )
+    # The trial function's own CPU time, sweep against plain calls, subset by subset: the core-second
+    # counts take it as the trials' compute, so a trial that computes slower inside the sweep (the other
+    # core busy with the driver and Ray; caches shared) is overhead they do not see.
+    plain_by: dict[str, list[float]] = {}
+    for kind, cpu in zip(kinds + kinds_after, cpus + cpus_after, strict=True):
+        plain_by.setdefault(kind, []).append(cpu)
+    swept_by: dict[str, list[float]] = {}
+    for r in done:
+        swept_by.setdefault(str(r["config"].get("finetune.config.trainable")), []).append(r["trial_cpu_seconds"])
+    print(
+        "the trial function's CPU per trial, sweep vs plain calls, by trainable subset: "
+        + ", ".join(
+            f"{k} {mean(swept_by[k]):.2f} vs {mean(plain_by[k]):.2f} CPU-s "
+            f"({mean(swept_by[k]) / mean(plain_by[k]) - 1:+.1%}; {len(swept_by[k])} vs {len(plain_by[k])} trials)"
+            for k in sorted(plain_by)
+            if k in swept_by
+        )
     )
     print("driver RSS (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory) + f"; peak {peak:.0f}")
     tr = outcome.tracker

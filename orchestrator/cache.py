@@ -9,9 +9,10 @@ the marker is written after every file, so a reader never sees half an entry.
 
 Exactly one producer per key: before producing, a trial takes a *lease* on the key. On a Ray cluster the
 leases live in one named actor (a `LeaseTable`), shared by every trial on every node; on one machine (the
-local Ray that `resurgence run` starts, scripts without Ray) they are lock files on local disk. A trial that finds the lease taken waits for the
-marker; if the producer dies, its lease expires (it is renewed every few seconds while producing) and a
-waiting trial takes over. Entries are downloaded once per node into a local staging folder.
+local Ray that `resurgence run` starts, scripts without Ray) they are lock files on local disk. A trial that
+finds the lease taken waits for the marker; if the producer dies, its lease expires (it is renewed every few
+seconds while producing) and a waiting trial takes over. Entries are downloaded once per node into a local
+staging folder.
 """
 
 from __future__ import annotations
