@@ -353,6 +353,39 @@ def rows_from_results(grid: Any) -> list[Row]:
     return rows
 
 
+# Tune's controller loop on the driver (`TuneController.step`) waits at most 0.1 s for its next event (a
+# result, an actor up) and then does its bookkeeping anyway: it asks the searcher, checks the stop conditions
+# and the state file's clock, runs every callback. Ten empty rounds a second cost the driver more CPU than
+# all the events of a toy trial (benchmarks/bench_sweep.py). An event still ends the wait at once, so a wait
+# of up to 1 s thins out only the empty rounds. Ray has no setting for it: the wait is raised in its actor
+# manager (ray 2.60, as pyproject.toml pins it), once per process.
+TUNE_IDLE_WAIT_S = 1.0
+# Tune's experiment state, which `resurgence resume` restores an interrupted wave from: written at the start
+# and end of every wave and, by default, every 10 s or more, as often as costs 5% of the driver's time, which
+# grows with the wave. Every 60 s here (a driver lost mid-wave reruns at most a minute more of trials);
+# TUNE_GLOBAL_CHECKPOINT_S set by the user wins.
+TUNE_STATE_EVERY_S = "60"
+
+
+def calm_tune_loop() -> None:
+    """Raise the controller loop's idle wait to TUNE_IDLE_WAIT_S (a timeout of 0, a poll, stays a poll) and
+    write the experiment state every TUNE_STATE_EVERY_S seconds unless the user's environment says otherwise."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", TUNE_STATE_EVERY_S)
+    if getattr(RayActorManager.next, "calmed", False):
+        return
+    wait_for_event = RayActorManager.next
+
+    def next_event(self: Any, timeout: float | None = None) -> bool:
+        if timeout is not None and 0 < timeout < TUNE_IDLE_WAIT_S:
+            timeout = TUNE_IDLE_WAIT_S
+        return wait_for_event(self, timeout=timeout)
+
+    next_event.calmed = True  # type: ignore[attr-defined]
+    RayActorManager.next = next_event
+
+
 def run_waves(
     spec: ExperimentSpec,
     spec_data: dict[str, Any],
@@ -376,6 +409,7 @@ def run_waves(
     # Tune's own per-trial files: JSON results only (the result grid reads them back). Its automatic
     # loggers would add CSV and TensorBoard files too, written by the driver for every result.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    calm_tune_loop()
     rows: list[Row] = []
     collector = TrialRows()
     done = log.done() if log is not None else {}
