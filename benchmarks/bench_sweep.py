@@ -26,9 +26,10 @@ Side by side in one run:
    per trial) - 1, printed too, with both baselines so the drift shows; and the same core-second count for
    the plain calls (2 cores x their wall per trial against their CPU time per trial), which is not zero
    either (the kernel, waiting on files), so the sweep's count less it is what the orchestrator adds outside
-   the trials. The baseline draws the trainable subsets in equal shares, as the sweep about does; the trial
-   function's CPU per trial, sweep against plain calls subset by subset, shows what neither count can: trials
-   that compute slower inside the sweep (the cores and their caches shared with the driver and Ray).
+   the trials. The baseline draws the trainable subsets in equal shares, as the sweep about does. The trial
+   function's CPU per trial, sweep against plain calls subset by subset, is printed too; timed at other
+   moments it moves with the machine's drift, so whether trials compute slower inside a sweep is measured
+   at the same time by `bench_side_by_side.py` (they do not).
 
 The trial: UCE erases "cross" from the toy model (erased once for the whole sweep: the cache), then
 `--steps` (20) steps of fine-tuning on cross-free toy images with the full evaluation (36 images at 10 DDIM
