@@ -29,7 +29,7 @@ Side by side in one run:
    the trials. The baseline draws the trainable subsets in equal shares, as the sweep about does. The trial
    function's CPU per trial, sweep against plain calls subset by subset, is printed too; timed at other
    moments it moves with the machine's drift, so whether trials compute slower inside a sweep is measured
-   at the same time by `bench_side_by_side.py` (they do not).
+   at the same time by `bench_side_by_side.py` (no sign that they do).
 
 The trial: UCE erases "cross" from the toy model (erased once for the whole sweep: the cache), then
 `--steps` (20) steps of fine-tuning on cross-free toy images with the full evaluation (36 images at 10 DDIM
