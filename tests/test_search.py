@@ -136,7 +136,7 @@ def test_proxy_at_every_rung_full_evaluation_at_the_end(tmp_path):
 
 def test_tune_loop_waits_up_to_a_second_for_events_and_keeps_the_users_state_period(tmp_path, monkeypatch):
     """The driver's Tune loop (`calm_tune_loop`): its waits for an event last up to 1 s instead of 0.1 s, so a
-    trial of 4 s costs a handful of rounds instead of forty; the trial still reports and ends as usual; the
+    trial of 4 s costs about ten rounds instead of about sixty; the trial still reports and ends as usual; the
     experiment state is written every 60 s unless TUNE_GLOBAL_CHECKPOINT_S is set."""
     import os
     import time
