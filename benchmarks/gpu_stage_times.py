@@ -6,8 +6,8 @@ not depend on the values). These are the figures `sim_cluster.py`'s stage table 
     python benchmarks/gpu_stage_times.py --models sd14 --skip esd,mace
     python benchmarks/gpu_stage_times.py --tiny --device cpu    # the same code on the tiny models (a smoke run)
 
-Per model, in the order a sweep meets them (each stage on a fresh model, so that one stage's fp32 master weights
-or LoRA adapters do not slow the next):
+Per model (every stage that trains or erases on a fresh model, so that one stage's fp32 master weights or LoRA
+adapters do not slow the next; generation and the proxy share one):
 - `load`: the base pipeline saved as safetensors and loaded back through `load_model("pretrained", ...)` (the
   files are in the page cache: a warm read, not a cold disk's);
 - `generate`: images at 50 DDIM steps with classifier-free guidance (the evaluation's sampling), at batch 1, 4
@@ -66,7 +66,7 @@ from methods.finetune import FinetuneConfig, Finetuner  # noqa: E402
 from methods.models import (  # noqa: E402
     DiffusionModel,
     TinyConfig,
-    _place,
+    _place,  # the registry's own placement (SDXL's VAE kept in fp32), for pipelines built here
     load_changed,
     load_model,
     save_changed,
