@@ -34,7 +34,9 @@ at batch 1, 4 and 16 and the proxy). SD v1.4 (UNet 860M) / SDXL (UNet 2,568M, te
 - fine-tuning step (batch 4 at 512 px / batch 2 at 1024 px): full 0.214 / 0.559 s (peak 19.7 / 61.8 GiB),
   xattn 0.119 / 0.395, LoRA 0.275 / 0.830, text encoder 0.155 / 0.406 (peaks 8.1 / 31.5 GiB);
 - erasure: UCE 0.40 / 1.18 s, few-shot 6.2 / 14.8 s, MACE 15.0 / 48.8 s (their drawn images included), ESD
-  1.72 / 3.59 s per iteration (343 / 719 s at the default 200, 1,716 / 3,593 s at the paper's 1000);
+  1.72 / 3.59 s per iteration (343 / 719 s at the default 200, 1,716 / 3,593 s at the paper's 1000): upper
+  bounds, measured before the builders froze the model as `load_model` does, so every UNet weight got a
+  gradient where ESD-x needs only the cross-attention's (not rerun: the session's GPU time was spent);
 - the erase cache for UCE: 32 / 140 tensors, 36.6 / 650 MiB, written in 0.09 / 0.39 s, read in 0.02 / 0.11 s;
 - the base pipeline saved as 2.0 / 6.6 GiB of safetensors, loaded through `load_model` in 1.2 / 4.0 s (from the
   page cache).
@@ -65,13 +67,11 @@ from methods.evaluate import EvalConfig, ProxyConfig, make_probe, probe_loss  # 
 from methods.finetune import FinetuneConfig, Finetuner  # noqa: E402
 from methods.models import (  # noqa: E402
     DiffusionModel,
-    TinyConfig,
     _place,  # the registry's own placement (SDXL's VAE kept in fp32), for pipelines built here
     load_changed,
     load_model,
     save_changed,
-    tiny_sd,
-    tiny_sdxl,
+    sd_scheduler,
 )
 from methods.tokenizer import clip_tokenizer  # noqa: E402
 
@@ -87,19 +87,6 @@ SETTINGS = {  # per model: fine-tuning batch (sim_cluster.py's), generation batc
 
 
 # -- the architectures, from their published configs ---------------------------------------------------------------
-def _scheduler() -> Any:
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(  # SD v1.4's and SDXL's schedule
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 def _vae(sample_size: int) -> Any:
     from diffusers import AutoencoderKL
 
@@ -131,6 +118,14 @@ def _clip_text(hidden: int, layers: int, heads: int, act: str, projection: int) 
     )
 
 
+def _ready(pipe: Any, device: torch.device, dtype: torch.dtype, name: str) -> DiffusionModel:
+    """Placed and frozen as `load_model` leaves a model: methods switch on exactly what they train (ESD relies on
+    it: its objective turns gradients on for its subset only)."""
+    model = DiffusionModel(_place(pipe, device, dtype), name)
+    model.requires_grad_(False)
+    return model
+
+
 def sd14(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
     """CompVis/stable-diffusion-v1-4's architecture: UNet 860M (diffusers' defaults are SD v1's), CLIP ViT-L/14
     text encoder 123M, VAE 84M."""
@@ -144,12 +139,12 @@ def sd14(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
             text_encoder=CLIPTextModel(_clip_text(768, 12, 12, "quick_gelu", 768)),
             tokenizer=clip_tokenizer(),
             unet=UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
-            scheduler=_scheduler(),
+            scheduler=sd_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    return DiffusionModel(_place(pipe, device, dtype), "sd14-config")
+    return _ready(pipe, device, dtype, "sd14-config")
 
 
 def sdxl(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
@@ -179,22 +174,16 @@ def sdxl(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
                 addition_time_embed_dim=256,
                 projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled text 1280
             ),
-            scheduler=_scheduler(),
+            scheduler=sd_scheduler(),
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
         )
-    return DiffusionModel(_place(pipe, device, dtype), "sdxl-config")
+    return _ready(pipe, device, dtype, "sdxl-config")
 
 
 def tiny(family: str) -> Callable[[torch.device, torch.dtype], DiffusionModel]:
-    build = tiny_sd if family == "sd14" else tiny_sdxl
-
-    def make(device: torch.device, dtype: torch.dtype) -> DiffusionModel:
-        model = build(TinyConfig(), device, dtype)
-        model.requires_grad_(False)
-        return model
-
-    return make
+    name = "tiny-sd" if family == "sd14" else "tiny-sdxl"
+    return lambda device, dtype: load_model(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
 
 
 # -- timing ---------------------------------------------------------------------------------------------------------

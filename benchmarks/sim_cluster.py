@@ -118,7 +118,8 @@ STAGES: dict[str, ModelTimes] = {
     "sd14": ModelTimes(
         erase={
             # ESD (Gandikota 2023) at the paper's 1000 iterations, batch 1: 1.72 s per iteration (partial DDIM
-            # sampling with the frozen copy, 3 frozen forwards, one trained forward/backward), measured.
+            # sampling with the frozen copy, 3 frozen forwards, one trained forward/backward), measured; an upper
+            # bound (every UNet weight got a gradient in that run, ESD-x needs the cross-attention's only).
             "esd": 1716.0,
             # UCE (Gandikota 2024): the closed form on the 32 K/V matrices with the text encoding, 0.40 s, and
             # writing the changed weights (36.6 MiB), 0.09 s: measured.

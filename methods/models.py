@@ -373,6 +373,18 @@ def _tiny_text_config(**extra: Any) -> CLIPTextConfig:
     )
 
 
+def sd_scheduler() -> DDIMScheduler:
+    """SD v1.4's (and SDXL's) noise schedule, for pipelines built from config."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
 def _tiny_parts(cfg: TinyConfig) -> tuple[AutoencoderKL, DDIMScheduler]:
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(
@@ -384,15 +396,7 @@ def _tiny_parts(cfg: TinyConfig) -> tuple[AutoencoderKL, DDIMScheduler]:
         up_block_types=["UpDecoderBlock2D"] * 2,
         sample_size=cfg.sample_size * 2,
     )
-    scheduler = DDIMScheduler(  # SD v1.4's schedule
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return vae, scheduler
+    return vae, sd_scheduler()
 
 
 @MODELS.register("tiny-sd", config=TinyConfig, description="seeded random SD-v1-structured model (tests)")

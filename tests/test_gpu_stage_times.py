@@ -40,6 +40,7 @@ def test_full_size_architectures_match_the_published_models(stages, family, expe
     model = build(torch.device("meta"), torch.bfloat16)
     assert {key: millions(m) for key, m in model.modules().items()} == expected
     assert model.resolution == (512 if family == "sd14" else 1024)
+    assert not any(p.requires_grad for p in model.named_parameters().values())  # frozen, as load_model leaves it
 
 
 def test_stages_run_on_the_tiny_models(stages, tmp_path, capsys):
