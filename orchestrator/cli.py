@@ -17,7 +17,6 @@ starts and before any MLflow run exists.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -174,19 +173,14 @@ def check_resources(spec: ExperimentSpec, args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import SweepState, unfinished_sweeps
+    from orchestrator.resume import SweepState, check_resumable, unfinished_sweeps
 
     spec, data, uri = prepare(args)
     resume = None
     found = [] if args.new else unfinished_sweeps(sweep_base(spec), data)
-    if found and spec.defender is not None:
-        print(
-            f"resurgence: {found[0].name} did not finish; continuing defender sweeps is not supported yet, "
-            "so a new sweep starts",
-            flush=True,
-        )
-    elif found:
+    if found:
         resume = SweepState.load(found[0])
+        check_resumable(found[0], resume, anew="pass --new to start a new sweep (its folder is left as it is)")
         print(
             f"resurgence: continuing sweep {resume.run_name} of this spec (started {resume.started}; its driver "
             "stopped before the end). Pass --new for a new sweep.",
@@ -196,8 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.resume import DriverLock, SweepState, check_resumable, unfinished_sweeps
     from orchestrator.spec import parse_spec
-    from orchestrator.sweep import DriverLock, SweepState, unfinished_sweeps
     from orchestrator.tracking import check_tracking_uri
 
     base = Path(os.path.abspath(os.path.expanduser(args.storage_path or "ray_results")))
@@ -212,15 +206,20 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if not found:
             raise SpecError(f"sweep: no unfinished sweep under {base} (pass --storage-path to look elsewhere)")
         folder = found[0]
-    state = SweepState.load(folder)
+    try:
+        state = SweepState.load(folder)
+    except (OSError, ValueError, TypeError) as err:
+        raise SpecError(f"sweep: cannot read {folder / 'sweep.json'} ({first_line(err)})") from None
     if state.status != "running":
         raise SpecError(f"sweep: {state.run_name} already ended ({state.status}); nothing to continue")
     if DriverLock.held(folder):
         raise SpecError(f"sweep: {state.run_name} is still running (its driver holds {folder / 'driver.lock'})")
-    data = json.loads((folder / "spec.json").read_text())
-    spec = parse_spec(data)
-    if spec.defender is not None:
-        raise SpecError(f"sweep: {state.run_name} is a defender sweep; continuing those is not supported yet")
+    anew = f"start it anew with `resurgence run {state.spec_file} --new` (its folder is left as it is)"
+    data = check_resumable(folder, state, anew)
+    try:
+        spec = parse_spec(data)
+    except SpecError as err:
+        raise SpecError(f"sweep {state.run_name}: its spec.json is not valid here ({err}); {anew}") from None
     check_resources(spec, args)
     uri = check_tracking_uri(args.tracking_uri or state.tracking_uri)
     print(f"resurgence: continuing sweep {state.run_name} (started {state.started})", flush=True)

@@ -39,6 +39,8 @@ def distributed_trial(
     per_worker = {"CPU": spec.resources.cpu} | ({"GPU": spec.resources.gpu} if use_gpu else {})
     ctx = tune.get_context()
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
+    from orchestrator.trial import resume_checkpoint
+
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -58,6 +60,8 @@ def distributed_trial(
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
         ),
+        # A continued sweep's trial that a dead driver had started goes on from that run's checkpoint.
+        resume_from_checkpoint=resume_checkpoint(config),
     )
     trainer.fit()
 

@@ -7,6 +7,9 @@
 - **Waves**: Tune keeps every trial of a run in the driver's memory, so a long sweep runs as a sequence of
   Tuner runs (`search.wave_size` trials each). Each cell's study lives in an Optuna journal file under
   the sweep's folder and is loaded again by the next wave, so the search continues where it was.
+- **Slots**: every trial of the budget has a name fixed in advance (`t00007`); when it ends, its row goes
+  to the sweep's ledger (orchestrator/ledger.py) before its study is told. A driver that dies at any
+  moment leaves the ledger and the studies consistent, and the next driver runs only the missing slots.
 - **Early stopping**: ASHA stops unpromising fine-tunes on the scheduler's metric over `ft_step` (the
   fine-tuning step), which can be the cheap `resurgence_proxy` while the searcher learns from the full
   `resurgence` at the end of each trial.
@@ -15,10 +18,9 @@
 from __future__ import annotations
 
 import itertools
-import json
+import math
 import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +29,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
+from orchestrator.ledger import RESUME_KEY, SLOT_KEY, Row, TrialLedger
 from orchestrator.spec import Dimension, ExperimentSpec, max_finetune_steps
-
-
-def tune_domain(dim: Dimension) -> Any:
-    from ray import tune
-
-    if dim.loguniform is not None:
-        return tune.loguniform(*dim.loguniform)
-    if dim.uniform is not None:
-        return tune.uniform(*dim.uniform)
-    if dim.randint is not None:
-        low, high = dim.randint
-        return tune.randint(low, high + 1)  # Tune's upper bound is exclusive; ours is inclusive
-    return tune.choice(list(dim.choice or []))
 
 
 def grid_cells(space: dict[str, Dimension]) -> list[dict[str, Any]]:
@@ -78,103 +68,169 @@ def study_storage(path: Path) -> Any:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def fail_running(path: Path) -> int:
-    """Mark every still-running trial of every study in the journal as failed (trials a dead driver had
-    asked for, which will never be told); returns how many."""
+def optuna_distribution(dim: Dimension) -> Any:
+    """A sampled dimension as an Optuna distribution (bounds inclusive, as in the spec)."""
     import optuna
 
-    if not path.is_file():
-        return 0
-    storage = study_storage(path)
-    failed = 0
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            failed += 1
-    return failed
+    if dim.loguniform is not None:
+        return optuna.distributions.FloatDistribution(*dim.loguniform, log=True)
+    if dim.uniform is not None:
+        return optuna.distributions.FloatDistribution(*dim.uniform)
+    if dim.randint is not None:
+        return optuna.distributions.IntDistribution(*dim.randint)
+    return optuna.distributions.CategoricalDistribution(list(dim.choice or dim.grid or []))
+
+
+TRIAL_ATTR = "trial"  # an Optuna trial's user attribute: the slot (the sweep's name of the trial) it belongs to
+
+
+def trial_value(row: Row | None, result: dict | None, metric: str) -> float | None:
+    """The value a cell's study is told for a finished trial: the metric of its last result, else the last
+    one it reported; None (a failed trial) when it errored or never reported the metric."""
+    if row is None or row.get("error"):
+        return None
+    for source in (result or {}, row):
+        v = source.get(metric)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
 
 
 class CellSearch(Searcher):
-    """A Tune searcher over several cells: trial i of the wave goes to cell `order[i]`, and its sampled
-    values come from that cell's OptunaSearch (loaded from the persistent study). Results reach the cell
-    that suggested the trial; intermediate results without the metric (rungs that saw only the proxy)
-    are not passed on."""
+    """A Tune searcher over several cells that asks their Optuna studies itself. Trial k of the wave fills
+    slot `slots[k]` = (its name, its cell); its sampled values come from the cell's study (`study.ask`, the
+    slot written on the Optuna trial). When a trial ends, its row goes to the ledger first and only then
+    is its study told, so a dead driver never leaves a study ahead of the ledger.
+
+    A wave continued after its driver died gets only the slots the ledger lacks. A slot whose Optuna trial
+    the dead driver had asked for (still running in the study) runs again with the same values and is told
+    through that same trial; a slot the ledger has but the study still calls running is told from its row
+    now; a running trial with no slot (the driver died inside `ask`) is closed as failed. So each slot has
+    exactly one finished Optuna trial and no finished trial is told twice."""
 
     def __init__(
         self,
         cells: list[Cell],
-        order: list[int],
+        slots: list[tuple[str, int]],
         space: dict[str, Dimension],
         *,
         metric: str,
         mode: str,
         algorithm: str,
         storage: Any,
+        ledger: TrialLedger,
+        rows: TrialRows,
+        checkpoint_scheme: str = "",
     ) -> None:
-        from ray.tune.search.optuna import OptunaSearch
+        import optuna
 
         super().__init__()  # no metric of its own: Tune then does not require it in every result
         self.cells = cells
-        self.order = list(order)
+        self.slots = list(slots)
         self.search_metric = metric
-        self.subs: dict[int, Any] = {}
-        if space:
-            converted = OptunaSearch.convert_search_space({p: tune_domain(d) for p, d in space.items()})
-            for i in sorted(set(order)):
-                self.subs[i] = OptunaSearch(
-                    space=converted,
-                    metric=metric,
-                    mode=mode,
-                    sampler=make_sampler(algorithm, cells[i].seed),
+        self.ledger = ledger
+        self.rows = rows
+        self.checkpoint_scheme = checkpoint_scheme
+        self.distributions = {p: optuna_distribution(d) for p, d in space.items()}
+        self.studies: dict[int, Any] = {}
+        self.replay: dict[str, int] = {}  # slot -> number of the Optuna trial a dead driver asked for it
+        direction = "maximize" if mode == "max" else "minimize"
+        if self.distributions:
+            for i in sorted({cell for _, cell in self.slots}):
+                self.studies[i] = optuna.create_study(
                     study_name=cells[i].study,
                     storage=storage,
+                    sampler=make_sampler(algorithm, cells[i].seed),
+                    direction=direction,
+                    load_if_exists=True,
                 )
+                self._mend(self.studies[i])
         self.next = 0
-        self.trial_cell: dict[str, int] = {}
+        self.trial_slot: dict[str, tuple[str, int, dict[str, Any]]] = {}  # Tune trial id -> (slot, cell, config)
+        self.asked: dict[str, int] = {}  # Tune trial id -> Optuna trial number
+
+    def _mend(self, study: Any) -> None:
+        """Bring a study in line with the ledger after a driver died (see the class docstring)."""
+        import optuna
+
+        running = optuna.trial.TrialState.RUNNING
+        todo = {slot for slot, _ in self.slots}
+        done = self.ledger.done()
+        for trial in study.get_trials(deepcopy=False, states=(running,)):
+            slot = trial.user_attrs.get(TRIAL_ATTR)
+            if slot in done:
+                value = trial_value(done[slot], None, self.search_metric)
+                tell(study, trial.number, value)
+            elif slot in todo and set(trial.params) == set(self.distributions) and slot not in self.replay:
+                self.replay[slot] = trial.number
+            else:  # begun inside `ask` by a driver that died there: closed, it has no slot (abandoned)
+                tell(study, trial.number, None)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the cells carry their own metric, mode and space
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.next >= len(self.order):
+        if self.next >= len(self.slots):
             return Searcher.FINISHED
-        i = self.order[self.next]
+        slot, i = self.slots[self.next]
         self.next += 1
-        self.trial_cell[trial_id] = i
-        sampled = self.subs[i].suggest(trial_id) if i in self.subs else {}
-        return {**self.cells[i].fixed, **(sampled or {})}
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        i = self.trial_cell.get(trial_id)
-        if i in self.subs and self.search_metric in result:
-            self.subs[i].on_trial_result(trial_id, result)
+        params: dict[str, Any] = {}
+        if i in self.studies:
+            study = self.studies[i]
+            if slot in self.replay:
+                number = self.replay.pop(slot)
+                params = dict(study.trials[number].params)
+            else:
+                trial = study.ask(self.distributions)
+                trial.set_user_attr(TRIAL_ATTR, slot)
+                number, params = trial.number, dict(trial.params)
+            self.asked[trial_id] = number
+        config = {**self.cells[i].fixed, **params, SLOT_KEY: slot}
+        checkpoint = self.ledger.checkpoints().get(slot)
+        if checkpoint is not None:  # the dead driver's run of this slot saved one: continue from it
+            config[RESUME_KEY] = checkpoint
+        self.trial_slot[trial_id] = (slot, i, config)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        i = self.trial_cell.get(trial_id)
-        if i in self.subs:
-            self.subs[i].on_trial_complete(trial_id, result, error)
+        if trial_id not in self.trial_slot:
+            return
+        slot, i, config = self.trial_slot.pop(trial_id)
+        row = self.rows.finish(trial_id, error)
+        if row is None:  # it never reported
+            if result is None and not error:
+                return  # stopped before it ever ran (Tune ends a pending trial so): the slot is not done
+            row = self.rows.empty(slot, config, error=error) | {k: result[k] for k in KEPT if k in (result or {})}
+        self.ledger.record(slot, row)  # first the ledger, then the study
+        number = self.asked.pop(trial_id, None)
+        if number is not None:
+            tell(self.studies[i], number, trial_value(row, result, self.search_metric))
 
-    # Tune snapshots its searcher with the experiment state (for Tuner.restore): where the wave is, and
-    # each cell's searcher (whose study also lives in the journal file), all in the one file Tune names
-    # (it writes a temporary name and renames it: files of our own beside it would be left behind).
+    # Tune snapshots its searcher with its experiment state; a continued sweep reads the ledger instead.
     def save(self, checkpoint_path: str) -> None:
-        cells = {}
-        for i, sub in self.subs.items():
-            with tempfile.TemporaryDirectory() as folder:
-                sub.save(f"{folder}/cell")
-                cells[i] = Path(f"{folder}/cell").read_bytes()
         with open(checkpoint_path, "wb") as f:
-            pickle.dump({"next": self.next, "trial_cell": self.trial_cell, "cells": cells}, f)
+            pickle.dump({"next": self.next}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            state = pickle.load(f)  # written by save() above, in this sweep's own folder
-        self.next, self.trial_cell = state["next"], state["trial_cell"]
-        for i, sub in self.subs.items():
-            with tempfile.TemporaryDirectory() as folder:
-                Path(f"{folder}/cell").write_bytes(state["cells"][i])
-                sub.restore(f"{folder}/cell")
+            self.next = pickle.load(f)["next"]  # written by save() above, in this sweep's own folder
+
+
+def trial_finished(study: Any, number: int) -> bool:
+    return study.get_trials(deepcopy=False)[number].state.is_finished()
+
+
+def tell(study: Any, number: int, value: Any) -> None:
+    """Tell a study how its trial ended (a value, the values of a multi-objective study, or None: failed),
+    unless it knows already."""
+    import optuna
+
+    if trial_finished(study, number):
+        return
+    if value is None:
+        study.tell(number, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(number, value)
 
 
 def wave_orders(n_cells: int, per_cell: int, wave_size: int | None) -> list[list[int]]:
@@ -189,26 +245,30 @@ def build_tuner(
     spec_data: dict[str, Any],
     *,
     cells: list[Cell],
-    order: list[int],
+    slots: list[tuple[str, int]],
     run_name: str,
     storage_path: str,
     study_path: Path,
     callbacks: list[Any],
     lease_actor: str | None,
+    ledger: TrialLedger,
+    rows: TrialRows,
 ) -> Any:
-    """One wave: a Tuner running the trials `order` assigns to `cells`."""
+    """One wave: a Tuner running the trials of `slots` (name, cell), each slot's trial exactly once."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     s = spec.search
     searcher = CellSearch(
         cells,
-        order,
+        slots,
         sampled_space(s.space),
         metric=s.metric,
         mode=s.mode,
         algorithm=s.algorithm,
         storage=study_storage(study_path),
+        ledger=ledger,
+        rows=rows,
     )
     scheduler = None
     if s.scheduler is not None:
@@ -229,14 +289,14 @@ def build_tuner(
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=len(order),
+            num_samples=len(slots),
             max_concurrent_trials=concurrent,
             reuse_actors=True,  # warm workers keep torch, the base model and the detector loaded
         ),
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage_path if "://" in storage_path else os.path.abspath(storage_path),
-            callbacks=[*callbacks, _json_logger()],
+            callbacks=[rows, *callbacks, _json_logger()],
             verbose=0,  # the Progress callback prints one readable line instead of Tune's tables
             # A trial that raised, or whose worker died, runs again (from its last checkpoint, if any).
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
@@ -281,76 +341,49 @@ def distributed_slots(spec: ExperimentSpec) -> int:
     return max(1, min(fits))
 
 
-Row = dict[str, Any]
 KEPT = ("resurgence", "presence", "presence_erased", "presence_base", "retention", "retention_erased")
 KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "trial_cpu_seconds", "erase_seconds")
 
 
 class TrialRows(Callback):
-    """Keeps one small row per trial on the driver (final metrics, the peak of its resurgence curve, its
-    cell's fixed values), so results outlive the wave's Tuner and need no result files read back."""
+    """Keeps one small row per running trial on the driver (final metrics, the peak of its resurgence
+    curve, its config); the searcher takes a trial's row when it ends and writes it to the ledger, so
+    results outlive the wave's Tuner and its driver. Checkpoints trials save go to the ledger as well."""
 
-    def __init__(self) -> None:
+    def __init__(self, ledger: TrialLedger, storage_path: str) -> None:
         self.rows: dict[str, Row] = {}
+        self.ledger = ledger
+        self.scheme = storage_path.split("://")[0] + "://" if "://" in storage_path else ""
+
+    def empty(self, trial_id: str, config: dict[str, Any] | None = None, error: bool = False) -> Row:
+        return {
+            **{k: float("nan") for k in KEPT},
+            "trial": trial_id,
+            "error": error,
+            "config": dict(config or {}),
+            "peak_resurgence": float("nan"),
+        }
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        row = self.rows.setdefault(
-            trial.trial_id,
-            {"trial": trial.trial_id, "error": False, "config": dict(trial.config), "peak_resurgence": float("nan")},
-        )
+        row = self.rows.get(trial.trial_id)
+        if row is None:
+            row = self.rows[trial.trial_id] = self.empty(trial.config.get(SLOT_KEY, trial.trial_id), trial.config)
         row.update({k: result[k] for k in KEPT if k in result})
         r = result.get("resurgence")
         if isinstance(r, int | float) and not r <= row["peak_resurgence"]:  # nan-safe max
             row["peak_resurgence"] = float(r)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id, "config": dict(trial.config)})["error"] = True
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        slot = trial.config.get(SLOT_KEY)
+        if slot is not None:
+            self.ledger.checkpoint(slot, self.scheme + checkpoint.path)
 
-    def take(self) -> list[Row]:
-        rows = [{**{k: float("nan") for k in KEPT}, "peak_resurgence": float("nan"), **r} for r in self.rows.values()]
-        self.rows = {}
-        return rows
-
-
-class WaveLog:
-    """What a sweep's driver writes down as it goes, so another driver can continue it: the waves that
-    are done and their rows (`rows.jsonl` in the sweep's folder, one line per trial)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "rows.jsonl"
-
-    def done(self) -> dict[str, list[Row]]:
-        """Rows of the finished waves, by wave name."""
-        out: dict[str, list[Row]] = {}
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a killed driver: its wave is not done
-                    continue
-                out.setdefault(record["wave"], []).extend(record["rows"])
-        return out
-
-    def record(self, wave: str, rows: list[Row]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"wave": wave, "rows": rows}, default=str) + "\n")
-
-
-def rows_from_results(grid: Any) -> list[Row]:
-    """Rows of a restored wave from Tune's own result files (its trials ran under two drivers)."""
-    rows = []
-    for result in grid:
-        frame = result.metrics_dataframe
-        peak = float(frame["resurgence"].max()) if frame is not None and "resurgence" in frame else float("nan")
-        metrics = result.metrics or {}
-        row = {k: float("nan") for k in KEPT} | {k: metrics[k] for k in KEPT if k in metrics}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        rows.append(
-            row
-            | {"trial": trial_id, "error": result.error is not None, "config": dict(result.config or {})}
-            | {"peak_resurgence": peak}
-        )
-    return rows
+    def finish(self, trial_id: str, error: bool) -> Row | None:
+        """The row of a trial that ended (None if it never reported)."""
+        row = self.rows.pop(trial_id, None)
+        if row is not None:
+            row["error"] = bool(error)
+        return row
 
 
 # Tune's controller loop on the driver (`TuneController.step`) waits at most 0.1 s for its next event (a
@@ -360,10 +393,10 @@ def rows_from_results(grid: Any) -> list[Row]:
 # of up to 1 s thins out only the empty rounds. Ray has no setting for it: the wait is raised in its actor
 # manager (ray 2.60, as pyproject.toml pins it), once per process.
 TUNE_IDLE_WAIT_S = 1.0
-# Tune's experiment state, which `resurgence resume` restores an interrupted wave from: written at the start
-# and end of every wave and, by default, every 10 s or more, as often as costs 5% of the driver's time, which
-# grows with the wave. Every 60 s here (a driver lost mid-wave reruns at most a minute more of trials);
-# TUNE_GLOBAL_CHECKPOINT_S set by the user wins.
+# Tune's experiment state (its own snapshot of a wave) is written at the start and end of every wave and, by
+# default, every 10 s or more, as often as costs 5% of the driver's time, which grows with the wave. A sweep
+# continued after its driver died does not read it (the ledger says what is done, orchestrator/ledger.py):
+# every 60 s here; TUNE_GLOBAL_CHECKPOINT_S set by the user wins.
 TUNE_STATE_EVERY_S = "60"
 
 
@@ -396,81 +429,55 @@ def run_waves(
     study_path: Path,
     callbacks: list[Any],
     lease_actor: str | None,
+    ledger: TrialLedger,
     on_wave: Callable[[int, list[Row]], None] | None = None,
-    log: WaveLog | None = None,
-    on_resumed: Callable[[str, set[str]], None] | None = None,
+    slot_prefix: str = "",
 ) -> list[Row]:
-    """Run every cell's trials as waves of Tuner runs; returns one small row per trial. With `log`, each
-    finished wave is written down, and a sweep continued by another driver skips the finished waves and
-    restores the interrupted one from Tune's experiment state (`on_resumed(wave, trial ids)` then cleans up
-    after the trials the dead driver had started but Tune had not recorded)."""
-    from ray import tune
-
-    # Tune's own per-trial files: JSON results only (the result grid reads them back). Its automatic
-    # loggers would add CSV and TensorBoard files too, written by the driver for every result.
+    """Run every cell's trials as waves of Tuner runs; returns one small row per trial (from the ledger).
+    Trial k of the sweep fills slot `{slot_prefix}t{k:05d}`; a slot the ledger holds is done and is not run
+    again, so a sweep continued by another driver runs only what its dead driver had not finished."""
+    # Tune's own per-trial files: JSON results only. Its automatic loggers would add CSV and TensorBoard
+    # files too, written by the driver for every result.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     calm_tune_loop()
     rows: list[Row] = []
-    collector = TrialRows()
-    done = log.done() if log is not None else {}
+    done = ledger.done()
     orders = wave_orders(len(cells), per_cell, spec.search.wave_size)
+    k = 0
     for w, order in enumerate(orders):
-        name = key = run_name if len(orders) == 1 else f"{run_name}-wave{w:03d}"
-        if key in done:
-            rows += done[key]
-            continue
-        for cb in callbacks:
-            if hasattr(cb, "wave"):
-                cb.wave = name
-        path = experiment_path(spec.storage_path, name)
-        tuner, restored, abandoned = None, False, None
-        if log is not None and tune.Tuner.can_restore(path):
-            print(f"[resume] wave {name}: restoring Tune's experiment state from {path}", flush=True)
-            try:
-                tuner = tune.Tuner.restore(path, make_trainable(spec, spec_data, lease_actor), resume_errored=True)
-                restored = True
-                # The restored Tuner comes back with pickled copies of the callbacks from when the wave
-                # began; this driver's own callbacks (its MLflow connection, its rows) take their place.
-                tuner._local_tuner.get_run_config().callbacks = [collector, *callbacks, _json_logger()]
-            except (OSError, ValueError, RuntimeError) as err:  # killed before Tune wrote its state
-                print(f"[resume] wave {name}: cannot restore ({err}); running it again", flush=True)
-                abandoned, name = name, f"{name}-again"
-                for cb in callbacks:
-                    if hasattr(cb, "wave"):
-                        cb.wave = name
-        if tuner is None:
+        name = run_name if len(orders) == 1 else f"{run_name}-wave{w:03d}"
+        slots = [(f"{slot_prefix}t{k + j:05d}", cell) for j, cell in enumerate(order)]
+        k += len(order)
+        todo = [(slot, cell) for slot, cell in slots if slot not in done]
+        if todo:
+            if len(todo) < len(slots):
+                line = f"{len(slots) - len(todo)} of {len(slots)} trials done; running the other {len(todo)}"
+                print(f"[resume] wave {name}: {line}", flush=True)
+            for cb in callbacks:
+                if hasattr(cb, "wave"):
+                    cb.wave = name
+            collector = TrialRows(ledger, spec.storage_path)
             tuner = build_tuner(
                 spec,
                 spec_data,
                 cells=cells,
-                order=order,
+                slots=todo,
                 run_name=name,
                 storage_path=spec.storage_path,
                 study_path=study_path,
-                callbacks=[collector, *callbacks],
+                callbacks=callbacks,
                 lease_actor=lease_actor,
+                ledger=ledger,
+                rows=collector,
             )
-        grid = tuner.fit()
-        del tuner  # the wave's trials leave the driver's memory with it
-        wave_rows = collector.take()
-        if restored:
-            wave_rows = rows_from_results(grid)
-            if on_resumed is not None:
-                on_resumed(name, {r["trial"] for r in wave_rows})
-        elif abandoned is not None and on_resumed is not None:
-            on_resumed(abandoned, set())  # every run the dead driver started in that wave is an orphan
-        del grid
+            tuner.fit()
+            del tuner  # the wave's trials leave the driver's memory with it
+            missing = [slot for slot, _ in todo if slot not in done]
+            if missing:  # Tune ended the wave without running them: the sweep is not done (resumable)
+                raise RuntimeError(f"wave {name} ended with {len(missing)} trial(s) not run: {', '.join(missing[:5])}")
+        wave_rows = [done[slot] for slot, _ in slots]
         rows += wave_rows
-        if log is not None:
-            log.record(key, wave_rows)
-        if on_wave is not None:
+        if todo and on_wave is not None:
             on_wave(w, wave_rows)
     return rows
 
-
-def experiment_path(storage_path: str, name: str) -> str:
-    return (
-        f"{storage_path.rstrip('/')}/{name}"
-        if "://" in storage_path
-        else os.path.join(os.path.abspath(storage_path), name)
-    )

@@ -15,8 +15,6 @@ outer study is told both, then asked for the next wave. MLflow: a `defense` pare
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,8 +27,27 @@ from typing import Any
 
 import yaml
 
-from orchestrator.search import Cell, Row, WaveLog, grid_cells, run_waves, study_storage
-from orchestrator.spec import Dimension, ExperimentSpec, SpecError
+from orchestrator.ledger import TrialLedger
+from orchestrator.resume import (
+    DriverLock,
+    SweepState,
+    continue_trial_runs,
+    left_runs,
+    new_metrics,
+    reopen_parent,
+    spec_hash,
+)
+from orchestrator.search import (
+    Cell,
+    Row,
+    grid_cells,
+    optuna_distribution,
+    run_waves,
+    study_storage,
+    tell,
+    trial_finished,
+)
+from orchestrator.spec import ExperimentSpec
 from orchestrator.tracking import MlflowTrials, Progress, Tracker, finite, flatten, redact
 
 Opening = Future  # of (Tracker, parent run id)
@@ -50,12 +67,24 @@ def open_parent(
     tags: dict[str, str],
     stage: str,
     spec_file: str,
+    look_first: bool = False,
 ) -> tuple[Tracker, str]:
-    """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds)."""
+    """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds);
+    `look_first`: a parent run of this sweep that a dead driver made is taken up again."""
     tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
     sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": spec.concept.name}
     sweep_tags["model"] = spec.model.name
-    parent = tracker.start_run(run_name, sweep_tags)
+    found = []
+    if look_first:
+        tracker.flush()
+        found = tracker.client.search_runs(
+            [tracker.experiment_id], f"tags.sweep = '{run_name}' and tags.stage = '{stage}'", max_results=1
+        )
+    if found:
+        parent = found[0].info.run_id
+        tracker.client.update_run(parent, status="RUNNING")
+    else:
+        parent = tracker.start_run(run_name, sweep_tags)
     params = {"search": data.get("search", {}), "spec": os.path.basename(spec_file)}
     if data.get("defender"):
         params["defender"] = data["defender"]
@@ -84,40 +113,44 @@ def run_attack(
     cells = attacker_cells(spec, run_name)
     total = len(cells) * spec.search.num_samples
     folder = sweep_dir(spec, run_name)
-    study_path = folder / "optuna.journal"
-    existing = existing_trial_runs(opening.result()[0], run_name) if resumed else {}
+    ledger = TrialLedger(folder)
+    existing = continue_trial_runs(opening.result()[0], run_name, ledger) if resumed else {}
     callback = MlflowTrials(opening.result, data, tags, existing=existing)
-    progress = Progress(total, spec.search.metric, spec.search.mode)
-
-    def on_resumed(wave: str, trial_ids: set[str]) -> None:
-        forget_orphans(opening.result()[0], run_name, wave, trial_ids, study_path)
-
+    progress = Progress(total, spec.search.metric, spec.search.mode, ended=ledger.done().values())
     rows = run_waves(
         spec,
         data,
         cells=cells,
         per_cell=spec.search.num_samples,
         run_name=run_name,
-        study_path=study_path,
+        study_path=folder / "optuna.journal",
         callbacks=[callback, progress],
         lease_actor=lease,
+        ledger=ledger,
         on_wave=on_wave,
-        log=WaveLog(folder),
-        on_resumed=on_resumed,
     )
     tracker, parent = opening.result()
-    log_summary(tracker, parent, rows, spec, callback)
+    log_summary(tracker, parent, rows, spec, callback, resumed)
     return rows
 
 
-def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: ExperimentSpec, callback: MlflowTrials) -> None:
+def log_summary(
+    tracker: Tracker, parent: str, rows: list[Row], spec: ExperimentSpec, callback: MlflowTrials, resumed: bool
+) -> None:
     ok = [r for r in rows if not r["error"]]
     best = rank(rows, spec)[0] if ok else None
     metrics = [("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
     metrics += [(f"erase_cache_{k}", v, 0) for k, v in callback.cache_counts.items()]
     if best is not None and finite(best[spec.search.metric]):
         metrics.append((f"best_{spec.search.metric}", best[spec.search.metric], 0))
+    if resumed:  # the dead driver may have logged them already (it died writing the report)
+        metrics = new_metrics(logged_metrics(tracker, parent), metrics)
     tracker.log(parent, metrics=metrics)
+
+
+def logged_metrics(tracker: Tracker, run_id: str) -> dict[str, float]:
+    tracker.flush()
+    return dict(tracker.client.get_run(tracker.run_id(run_id) or run_id).data.metrics)
 
 
 @dataclass
@@ -143,7 +176,7 @@ def run_sweep(
 ) -> Outcome:
     """The whole sweep on a connected Ray: the lease actor, the parent run, the attacker or defender
     search, the summary metrics and the report; the parent run ends FINISHED when a trial finished.
-    `resume`: continue a sweep whose driver died (its state file, its MLflow runs, Tune's experiment state).
+    `resume`: continue a sweep whose driver died (its state file, its ledger, its MLflow runs and studies).
     `one_node`: this Ray is one machine's alone (the local Ray `resurgence run` starts): the erase cache's
     leases are lock files on its disk, not an actor (an idle Ray worker costs about 1.3% of a core: it
     wakes every 10 ms to check for signals)."""
@@ -174,9 +207,9 @@ def run_sweep(
     # which import torch and diffusers in their own processes; the callbacks wait for it on first use.
     pool = ThreadPoolExecutor(max_workers=1)
     if resume is not None and resume.parent:
-        opening = pool.submit(reopen_parent, uri, spec, resume.parent, folder)
-    else:
-        opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file)
+        opening = pool.submit(reopen_parent, uri, spec.name, resume.parent, folder)
+    else:  # a driver that died before it wrote down its parent run may have made it: open_parent finds it
+        opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file, resume is not None)
     pool.shutdown(wait=False)
     status, ended = "FAILED", False
     try:
@@ -211,28 +244,6 @@ def run_sweep(
             print(f"resurgence: sweep {run_name} stopped before its end; `resurgence resume` continues it", flush=True)
 
 
-@dataclass
-class SweepState:
-    """`sweep.json` in the sweep's folder: what another driver needs to continue it."""
-
-    run_name: str
-    spec_file: str
-    tracking_uri: str
-    parent: str | None  # the MLflow parent run
-    spec_hash: str  # of the spec as run (overrides applied): re-running the same command finds it
-    status: str  # running, finished or failed
-    started: str
-
-    def save(self, folder: Path) -> None:
-        tmp = folder / "sweep.json.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        tmp.replace(folder / "sweep.json")
-
-    @classmethod
-    def load(cls, folder: Path) -> SweepState:
-        return cls(**json.loads((folder / "sweep.json").read_text()))
-
-
 def redacted_spec(data: dict[str, Any]) -> dict[str, Any]:
     """The spec with any value that names or holds a secret replaced (it is logged as an artifact)."""
     from orchestrator.tracking import SECRET_KEY, secret_values
@@ -251,131 +262,7 @@ def redacted_spec(data: dict[str, Any]) -> dict[str, Any]:
     return clean(data)
 
 
-def spec_hash(data: dict[str, Any]) -> str:
-    """What identifies a sweep's spec when the same command is run again. Its folders are left out: they are
-    absolute paths by then, and a relative `cache_dir` resolves under the job's working directory, which
-    `ray job submit` unpacks into a new Ray session's folder after the head node is replaced."""
-    kept = {k: v for k, v in data.items() if k not in ("storage_path", "cache_dir")}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class DriverLock:
-    """An exclusive lock on the sweep's folder while its driver lives (flock: the kernel drops it when the
-    process dies, even by SIGKILL), so a sweep is continued only when its driver is gone."""
-
-    def __init__(self, folder: Path) -> None:
-        import fcntl
-
-        self.fd = os.open(folder / "driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise SpecError(f"sweep {folder.name}: another driver is running it") from None
-
-    def release(self) -> None:
-        os.close(self.fd)
-
-    @staticmethod
-    def held(folder: Path) -> bool:
-        import fcntl
-
-        if not (folder / "driver.lock").exists():
-            return False
-        fd = os.open(folder / "driver.lock", os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-
-
-def unfinished_sweeps(base: Path, data: dict[str, Any] | None = None) -> list[Path]:
-    """Sweep folders under `base` whose driver died before the end (newest first); with `data`, only
-    those of this very spec."""
-    found = []
-    for state_file in base.glob("*/sweep.json"):
-        try:
-            state = SweepState.load(state_file.parent)
-        except (OSError, ValueError, TypeError):
-            continue
-        if state.status != "running" or DriverLock.held(state_file.parent):
-            continue
-        if data is not None and state.spec_hash != spec_hash(data):
-            continue
-        found.append(state_file.parent)
-    return sorted(found, key=lambda f: f.stat().st_mtime, reverse=True)
-
-
-def reopen_parent(uri: str, spec: ExperimentSpec, parent: str, folder: Path) -> tuple[Tracker, str]:
-    """The parent run of a sweep another driver started: RUNNING again, and its unwritten writes replayed."""
-    tracker = Tracker(uri, spec.name, wal=folder / "mlflow.wal")
-    tracker.client.update_run(parent, status="RUNNING")
-    return tracker, parent
-
-
-def existing_trial_runs(tracker: Tracker, run_name: str) -> dict[str, tuple[str, int]]:
-    """The trial runs of a sweep in MLflow: trial id -> (run id, last ft_step logged). The writes an earlier
-    driver left in the write-ahead log go in first: a trial run it had queued but not written would
-    otherwise be missed here, made again for the same trial, and then replayed as a second run."""
-    if not tracker.flush(600):
-        raise RuntimeError("MLflow stayed unreachable for 600 s; the sweep cannot be continued without it")
-    out: dict[str, tuple[str, int]] = {}
-    token = None
-    while True:
-        page = tracker.client.search_runs(
-            [tracker.experiment_id],
-            f"tags.sweep = '{run_name}' and tags.stage = 'trial'",
-            max_results=1000,
-            page_token=token,
-        )
-        for run in page:
-            step = run.data.metrics.get("ft_step")
-            out[run.data.tags["trial_id"]] = (run.info.run_id, int(step) if step is not None else -1)
-        token = page.token
-        if not token:
-            return out
-
-
-def forget_orphans(tracker: Tracker, run_name: str, wave: str, trial_ids: set[str], study_path: Path) -> None:
-    """After a restored wave: MLflow runs (and Optuna trials) of trials the dead driver had started but
-    Tune's last snapshot did not hold; they ran again under new trial ids, so their runs are deleted."""
-    from orchestrator.search import fail_running
-
-    tracker.flush()
-    orphans = [
-        run
-        for run in tracker.client.search_runs(
-            [tracker.experiment_id], f"tags.sweep = '{run_name}' and tags.wave = '{wave}'", max_results=5000
-        )
-        if run.data.tags.get("trial_id") not in trial_ids
-    ]
-    for run in orphans:
-        tracker.client.delete_run(run.info.run_id)
-    failed = fail_running(study_path)
-    if orphans or failed:
-        print(
-            f"[resume] wave {wave}: removed {len(orphans)} MLflow run(s) and closed {failed} Optuna trial(s) of "
-            "trials started after Tune's last snapshot (they ran again under new ids)",
-            flush=True,
-        )
-
-
 # -- the defender --------------------------------------------------------------------------------------
-def optuna_distribution(dim: Dimension) -> Any:
-    import optuna
-
-    if dim.loguniform is not None:
-        return optuna.distributions.FloatDistribution(*dim.loguniform, log=True)
-    if dim.uniform is not None:
-        return optuna.distributions.FloatDistribution(*dim.uniform)
-    if dim.randint is not None:
-        return optuna.distributions.IntDistribution(*dim.randint)
-    return optuna.distributions.CategoricalDistribution(list(dim.choice or dim.grid or []))
-
-
 def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     import optuna
 
@@ -416,6 +303,9 @@ def candidate_score(rows: list[Row]) -> tuple[float, float]:
     return (max(peaks) if peaks else math.nan), retention
 
 
+CANDIDATE_ATTR = "candidate"  # a defender study trial's user attribute: the candidate number it is
+
+
 def run_defense(
     spec: ExperimentSpec,
     data: dict[str, Any],
@@ -426,83 +316,111 @@ def run_defense(
     on_wave: Callable[[int, list[Row]], None] | None = None,
     resumed: bool = False,
 ) -> list[Row]:
-    import optuna
-
-    if resumed:  # refused by the CLI before anything runs; a guard for library callers
-        raise SpecError("resume: continuing a defender sweep is not supported yet (start it again)")
+    """The defender's waves. Candidate c of wave i is the defender study's trial with user attribute
+    candidate = c; its attacks fill the ledger's slots `d{i:03d}-t...`. A continued sweep walks the same
+    waves: a candidate the dead driver had asked for is taken from the study (not asked again), its MLflow
+    run found by its tag, its attacks run only where the ledger lacks them; a candidate the study already
+    knows the outcome of is not told again, and its run is closed if its driver had not."""
     d = spec.defender
     assert d is not None
     folder = sweep_dir(spec, run_name)
+    ledger = TrialLedger(folder)
     study = defender_study(spec, folder / "defender.journal", f"{run_name}-defender")
     distributions = {path: optuna_distribution(dim) for path, dim in d.space.items()}
     n_cells = len(grid_cells(spec.search.space))
     total = d.candidates * n_cells * spec.search.num_samples
+    tracker, parent = opening.result()
+    existing = continue_trial_runs(tracker, run_name, ledger) if resumed else {}
+    known = left_runs(tracker, run_name, "defender-candidate", "candidate") if resumed else {}
+    asked_before = mend_defender_study(study, set(distributions))
     parents: dict[Any, str] = {}
-    callback = MlflowTrials(opening.result, data, tags, parents=parents)
-    progress = Progress(total, spec.search.metric, spec.search.mode)
+    callback = MlflowTrials(opening.result, data, tags, parents=parents, existing=existing)
+    progress = Progress(total, spec.search.metric, spec.search.mode, ended=ledger.done().values())
     candidates: list[Candidate] = []
     all_rows: list[Row] = []
-    number = 0
+    number = wave = 0
     while number < d.candidates:
         k = min(d.per_wave, d.candidates - number)
-        asked = [study.ask(distributions) for _ in range(k)]
-        tracker, parent = opening.result()
+        wave_candidates: list[tuple[int, Any]] = []  # (candidate, its optuna trial)
         cells: list[Cell] = []
-        for j, trial in enumerate(asked):
-            c = number + j
-            run = tracker.start_run_later(
-                f"candidate-{c}",
-                {**tags, "stage": "defender-candidate", "candidate": str(c)},
-                parent=parent,
-            )
-            tracker.log(run, params={f"defender.{p}": str(v) for p, v in trial.params.items()})
-            parents[c] = run
+        for c in range(number, number + k):
+            trial = asked_before.get(c)
+            if trial is None:
+                trial = study.ask(distributions)
+                trial.set_user_attr(CANDIDATE_ATTR, c)
+            wave_candidates.append((c, trial))
+            if str(c) in known:
+                parents[c] = known[str(c)].run_id
+            else:
+                parents[c] = tracker.start_run_later(
+                    f"candidate-{c}", {**tags, "stage": "defender-candidate", "candidate": str(c)}, parent=parent
+                )
+                tracker.log(parents[c], params={f"defender.{p}": str(v) for p, v in trial.params.items()})
             cells += attacker_cells(spec, f"{run_name}-c{c}", fixed={**trial.params, "_candidate": c})
         rows = run_waves(
             spec,
             data,
             cells=cells,
             per_cell=spec.search.num_samples,
-            run_name=f"{run_name}-d{number // d.per_wave:03d}",
+            run_name=f"{run_name}-d{wave:03d}",
             study_path=folder / "optuna.journal",
             callbacks=[callback, progress],
             lease_actor=lease,
+            ledger=ledger,
             on_wave=on_wave,
+            slot_prefix=f"d{wave:03d}-",
         )
         all_rows += rows
-        for j, trial in enumerate(asked):
-            c = number + j
+        for c, trial in wave_candidates:
             worst, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
             feasible = finite(retention) and retention >= d.retention_floor
             ok = finite(worst) and finite(retention)
             candidates.append(
                 Candidate(c, parents[c], dict(trial.params), worst, retention, feasible, "FINISHED" if ok else "FAILED")
             )
-            tracker.log(
-                parents[c],
-                metrics=[("worst_resurgence", worst, 0), ("retention", retention, 0), ("feasible", float(feasible), 0)],
-            )
-            if not ok:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                tracker.end(parents[c], "FAILED")
-                continue
-            # Optuna's constraint convention (both samplers read it): <= 0 is feasible.
-            trial.set_constraint("retention_floor", d.retention_floor - retention)
-            study.tell(trial, [worst, retention] if d.objective == "pareto" else worst)
-            tracker.end(parents[c], "FINISHED")
+            # The study first, then MLflow: a driver that dies in between leaves a told trial and an open
+            # run, which the next one closes (a told trial is never told again).
+            if not trial_finished(study, trial.number):
+                if ok:  # Optuna's constraint convention (both samplers read it): <= 0 is feasible
+                    trial.set_constraint("retention_floor", d.retention_floor - retention)
+                tell(study, trial.number, ([worst, retention] if d.objective == "pareto" else worst) if ok else None)
+            left = known.get(str(c))
+            if left is None or left.status == "RUNNING":
+                metrics = [("worst_resurgence", worst, 0), ("retention", retention, 0)]
+                metrics.append(("feasible", float(feasible), 0))
+                tracker.log(parents[c], metrics=new_metrics(left.metrics, metrics) if left else metrics)
+                tracker.end(parents[c], "FINISHED" if ok else "FAILED")
         number += k
+        wave += 1
         print(f"[defender] {number}/{d.candidates} candidates attacked; " + best_line(candidates), flush=True)
-    tracker, parent = opening.result()
-    log_summary(tracker, parent, all_rows, spec, callback)
+    log_summary(tracker, parent, all_rows, spec, callback, resumed)
     best = best_candidate(candidates)
     if best is not None:
+        metrics = [("best_worst_resurgence", best.worst_resurgence, 0), ("best_retention", best.retention, 0)]
         tracker.log(
             parent,
             params={f"best.{p}": str(v) for p, v in best.params.items()} | {"best.candidate": str(best.number)},
-            metrics=[("best_worst_resurgence", best.worst_resurgence, 0), ("best_retention", best.retention, 0)],
+            metrics=new_metrics(logged_metrics(tracker, parent), metrics) if resumed else metrics,
         )
     print_candidates(candidates, d.objective)
     return all_rows
+
+
+def mend_defender_study(study: Any, space: set[str]) -> dict[int, Any]:
+    """The defender study's trials by candidate number, as `optuna.Trial`s (a dead driver's asked candidates
+    are taken up again); a trial left running with no candidate (its driver died inside `ask`) is closed
+    as failed."""
+    import optuna
+
+    by_candidate: dict[int, Any] = {}
+    for frozen in study.get_trials(deepcopy=False):
+        c = frozen.user_attrs.get(CANDIDATE_ATTR)
+        if c is not None and set(frozen.params) == space:
+            # Optuna has no public way to get a live Trial of a stored one but its storage id.
+            by_candidate[int(c)] = optuna.trial.Trial(study, frozen._trial_id)
+        elif not frozen.state.is_finished():
+            tell(study, frozen.number, None)
+    return by_candidate
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:

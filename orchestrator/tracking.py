@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from ray.tune import Callback
 
+from orchestrator.ledger import SLOT_KEY
 from orchestrator.spec import SpecError, resolved_config, trial_spec
 from orchestrator.trial import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
 
@@ -523,10 +524,11 @@ class MlflowTrials(Callback):
     defender candidate's run). `sweep()` gives the tracker and the parent run id; it may block until MLflow
     is set up. Per-trial state is dropped when the trial ends, so memory stays bounded over waves.
 
-    Exactly one run per trial, whatever happens to it: a trial that Tune retries (it raised, its worker
-    died) keeps its run, and so does one that a resumed sweep runs again (`existing`: the runs an earlier
-    driver made, by trial id). A report whose `ft_step` the run already holds is not logged again, so a
-    trial that continues from a checkpoint, or starts over, never writes a step twice."""
+    Exactly one run per trial, whatever happens to it. A trial is its slot (the sweep's name for it, tag
+    `trial_id`; Tune's own id of its latest attempt is tag `tune_trial_id`): a trial that Tune retries (it
+    raised, its worker died) keeps its run, and so does one that a continued sweep runs again (`existing`:
+    the runs an earlier driver made, by slot). A report whose `ft_step` the run already holds is not logged
+    again, so a trial that continues from a checkpoint, or starts over, never writes a step twice."""
 
     def __init__(
         self,
@@ -542,9 +544,8 @@ class MlflowTrials(Callback):
         self.parents = parents if parents is not None else {}  # config "_candidate" value -> its run id
         self.wave = ""  # the Tuner run (wave) the trials belong to; run_waves sets it
         self.runs: dict[str, str] = {}  # Tune trial id -> MLflow run id (or the tracker's handle)
-        self.existing = dict(existing or {})  # trial id -> (run id, last logged ft_step), earlier drivers'
+        self.existing = dict(existing or {})  # slot -> (run id, last logged ft_step), earlier drivers'
         self.steps: dict[str, int] = {}  # trial id -> the last ft_step its run holds
-        self.seen: set[str] = set()  # trials this driver has run (a resumed wave's orphans are the others)
         self.logged_once: set[str] = set()
         self.artifacts: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
@@ -557,12 +558,13 @@ class MlflowTrials(Callback):
         return {**self.__dict__, "sweep": None}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.seen.add(trial.trial_id)
         if trial.trial_id in self.runs:  # a retried trial keeps its run
             return
         tracker, parent_id = self.sweep()
-        if trial.trial_id in self.existing:  # run by an earlier driver of this sweep: the same run goes on
-            run_id, step = self.existing.pop(trial.trial_id)
+        slot = str(trial.config.get(SLOT_KEY, trial.trial_id))
+        if slot in self.existing:  # begun by an earlier driver of this sweep: the same run goes on
+            run_id, step = self.existing.pop(slot)
+            tracker.set_tags(run_id, {"tune_trial_id": trial.trial_id})
             self.runs[trial.trial_id], self.steps[trial.trial_id] = run_id, step
             self.logged_once.add(trial.trial_id)
             return
@@ -570,7 +572,8 @@ class MlflowTrials(Callback):
         resolved = resolved_config(trial_spec(self.spec_data, trial.config))
         run_tags = {
             **self.tags,
-            "trial_id": trial.trial_id,
+            "trial_id": slot,
+            "tune_trial_id": trial.trial_id,
             "wave": self.wave,
             "method": resolved["erase"]["method"],
             "concept": resolved["concept"]["name"],
@@ -581,7 +584,7 @@ class MlflowTrials(Callback):
         if candidate is not None:
             run_tags["candidate"] = str(candidate)
         run_id = tracker.start_run_later(
-            f"trial-{trial.trial_id}", run_tags, parent=self.parents.get(candidate, parent_id)
+            f"trial-{slot}", run_tags, parent=self.parents.get(candidate, parent_id)
         )
         self.runs[trial.trial_id] = run_id
         tracker.log(run_id, params=redact(flatten(resolved)))
@@ -667,7 +670,16 @@ class Progress(Callback):
     """One readable line every `every_s` seconds (and at the end of each wave): trials done of the whole
     sweep, running, failed, the best metric so far and an ETA from the pace so far."""
 
-    def __init__(self, total: int, metric: str, mode: str, every_s: float = 30.0, out: Any = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        metric: str,
+        mode: str,
+        every_s: float = 30.0,
+        out: Any = None,
+        ended: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        """`ended`: rows of the trials that ended before this driver (a continued sweep counts them)."""
         self.total = total
         self.metric = metric
         self.sign = 1 if mode == "max" else -1
@@ -680,6 +692,12 @@ class Progress(Callback):
         self.failed = 0
         self.running: set[str] = set()
         self.best: tuple[float, str] | None = None
+        for row in ended:
+            self.failed += bool(row.get("error"))
+            self.done += not row.get("error")
+            v = row.get(metric)
+            if not row.get("error") and finite(v) and (self.best is None or self.sign * v > self.sign * self.best[0]):
+                self.best = (float(v), str(row.get("trial")))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "out": None}

@@ -51,6 +51,7 @@ from methods.evaluate import (
 from methods.finetune import Distributed, Diverged, Finetuner
 from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
 from orchestrator.cache import EraseCache, content_key, open_cache
+from orchestrator.ledger import RESUME_KEY
 from orchestrator.spec import ExperimentSpec, check_components, resolved_config, trial_spec
 
 log = logging.getLogger("resurgence.trial")
@@ -411,12 +412,30 @@ def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_acto
         tune.report(metrics, checkpoint=checkpoint)
 
     trial_dir = Path(tune.get_context().get_trial_dir())
-    checkpoint = tune.get_checkpoint()
+    checkpoint = tune.get_checkpoint() or resume_checkpoint(config)
     if checkpoint is None:
         execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor))
         return
     with checkpoint.as_directory() as folder:
         execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor), resume=Path(folder))
+
+
+def resume_checkpoint(config: dict[str, Any]) -> Any:
+    """The checkpoint a dead driver's run of this trial left (a continued sweep passes it in the config),
+    if it is still there."""
+    from ray import tune
+
+    uri = config.get(RESUME_KEY)
+    if not uri:
+        return None
+    checkpoint = tune.Checkpoint(uri)
+    try:
+        if checkpoint.filesystem.get_file_info(checkpoint.path).type.name == "Directory":
+            return checkpoint
+    except OSError:
+        pass
+    log.warning("the checkpoint %s a dead driver's run of this trial left is gone; the trial starts over", uri)
+    return None
 
 
 _CACHE: dict[tuple[str, str | None], EraseCache] = {}

@@ -247,13 +247,14 @@ def test_resume_checks_the_ray_flags_before_anything_runs(tmp_path, capsys):
 
     import ray
 
-    from orchestrator.sweep import SweepState
+    from orchestrator.resume import SweepState, spec_hash
 
     folder = tmp_path / "ray_results" / "smoke-1"
     folder.mkdir(parents=True)
     data = {**yaml.safe_load(yaml.safe_dump(SMOKE)), "resources": {"cpu": 4}}
     (folder / "spec.json").write_text(json.dumps(data))
-    SweepState("smoke-1", "smoke.yaml", f"sqlite:///{tmp_path / 'mlflow.db'}", None, "h", "running", "now").save(folder)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    SweepState("smoke-1", "smoke.yaml", uri, None, spec_hash(data), "running", "now").save(folder)
     assert main(["resume", str(folder), "--num-cpus", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("resurgence: error: resources.cpu: a trial asks for 4 CPUs") and err.count("\n") == 1

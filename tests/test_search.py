@@ -6,7 +6,8 @@ import math
 import pytest
 import yaml
 
-from orchestrator.search import Cell, CellSearch, grid_cells, sampled_space, study_storage, wave_orders
+from orchestrator.ledger import TrialLedger
+from orchestrator.search import Cell, CellSearch, TrialRows, grid_cells, sampled_space, study_storage, wave_orders
 from orchestrator.spec import Dimension, SpecError, parse_spec, trial_spec
 from orchestrator.trial import execute_trial
 from tests.conftest import REPO
@@ -30,16 +31,19 @@ def test_grid_cells_and_waves():
     assert all(flat.count(c) == 4 for c in range(3)) and flat[:3] == [0, 1, 2]  # round-robin
 
 
-def _searcher(tmp_path, cells, order):
+def _searcher(tmp_path, cells, order, wave="w0"):
     space = {"finetune.config.lr": Dimension(loguniform=(1e-5, 1e-3)), "x": Dimension(choice=["p", "q"])}
+    ledger = TrialLedger(tmp_path)
     return CellSearch(
         cells,
-        order,
+        [(f"{wave}-t{k}", cell) for k, cell in enumerate(order)],
         space,
         metric="resurgence",
         mode="max",
         algorithm="tpe",
         storage=study_storage(tmp_path / "optuna.journal"),
+        ledger=ledger,
+        rows=TrialRows(ledger, str(tmp_path)),
     )
 
 
@@ -57,7 +61,7 @@ def test_cell_search_hands_out_cells_and_continues_its_studies_across_waves(tmp_
     for i in range(4):
         first.on_trial_complete(f"t{i}", {"resurgence": 0.1 * i, "training_iteration": 2})
     # the next wave: new searcher objects, the same journal file
-    second = _searcher(tmp_path, cells, [0, 1])
+    second = _searcher(tmp_path, cells, [0, 1], wave="w1")
     second.suggest("u0")
     second.suggest("u1")
     storage = study_storage(tmp_path / "optuna.journal")

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.exceptions import MlflowException
 
-from orchestrator.sweep import existing_trial_runs, spec_hash
+from orchestrator.resume import left_runs, spec_hash
 from orchestrator.tracking import Tracker, unreachable
 
 
@@ -111,7 +111,7 @@ def test_a_resumed_sweep_sees_trial_runs_still_in_the_log(uri, tmp_path):
     # A dead driver queued this trial's run but never wrote it.
     wal.write_text(json.dumps([1, "create", "pending-abc", ["trial t0001", tags, None]]) + "\n")
     tracker = Tracker(uri, "exp", linger_s=1.0, wal=wal)  # lingers: the replay has not run yet
-    found = existing_trial_runs(tracker, "s1")
+    found = left_runs(tracker, "s1", "trial", "trial_id")
     assert list(found) == ["t0001"]
     assert tracker.close(30)
     assert len(tracker.client.search_runs([tracker.experiment_id], "tags.trial_id = 't0001'")) == 1
