@@ -369,6 +369,8 @@ class TrialRows(Callback):
         if row is None:
             row = self.rows[trial.trial_id] = self.empty(trial.config.get(SLOT_KEY, trial.trial_id), trial.config)
         row.update({k: result[k] for k in KEPT if k in result})
+        if "erase_cache" in result:  # where its erased model came from: miss, hit or memo
+            row["erase_cache"] = str(result["erase_cache"])
         r = result.get("resurgence")
         if isinstance(r, int | float) and not r <= row["peak_resurgence"]:  # nan-safe max
             row["peak_resurgence"] = float(r)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -130,17 +131,16 @@ def run_attack(
         on_wave=on_wave,
     )
     tracker, parent = opening.result()
-    log_summary(tracker, parent, rows, spec, callback, resumed)
+    log_summary(tracker, parent, rows, spec, resumed)
     return rows
 
 
-def log_summary(
-    tracker: Tracker, parent: str, rows: list[Row], spec: ExperimentSpec, callback: MlflowTrials, resumed: bool
-) -> None:
+def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: ExperimentSpec, resumed: bool) -> None:
     ok = [r for r in rows if not r["error"]]
     best = rank(rows, spec)[0] if ok else None
     metrics = [("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
-    metrics += [(f"erase_cache_{k}", v, 0) for k, v in callback.cache_counts.items()]
+    cache = Counter(r["erase_cache"] for r in rows if r.get("erase_cache"))  # miss / hit / memo, over all drivers
+    metrics += [(f"erase_cache_{k}", v, 0) for k, v in sorted(cache.items())]
     if best is not None and finite(best[spec.search.metric]):
         metrics.append((f"best_{spec.search.metric}", best[spec.search.metric], 0))
     if resumed:  # the dead driver may have logged them already (it died writing the report)
@@ -393,7 +393,7 @@ def run_defense(
         number += k
         wave += 1
         print(f"[defender] {number}/{d.candidates} candidates attacked; " + best_line(candidates), flush=True)
-    log_summary(tracker, parent, all_rows, spec, callback, resumed)
+    log_summary(tracker, parent, all_rows, spec, resumed)
     best = best_candidate(candidates)
     if best is not None:
         metrics = [("best_worst_resurgence", best.worst_resurgence, 0), ("best_retention", best.retention, 0)]

@@ -550,7 +550,6 @@ class MlflowTrials(Callback):
         self.artifacts: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.outcome: dict[str, str] = {}
-        self.cache_counts: dict[str, int] = {}  # erase cache outcomes: miss / hit / memo
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; the MLflow connection (a Future of a
@@ -604,7 +603,6 @@ class MlflowTrials(Callback):
             self.logged_once.add(trial.trial_id)
             if "erase_cache" in result:
                 tracker.set_tags(run_id, {"erase_cache": str(result["erase_cache"])})
-                self.cache_counts[result["erase_cache"]] = self.cache_counts.get(result["erase_cache"], 0) + 1
         if result.get("diverged"):
             batch.append(("diverged", 1.0, step))
             self.outcome[trial.trial_id] = "diverged"
