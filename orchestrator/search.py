@@ -120,7 +120,6 @@ class CellSearch(Searcher):
         storage: Any,
         ledger: TrialLedger,
         rows: TrialRows,
-        checkpoint_scheme: str = "",
     ) -> None:
         import optuna
 
@@ -130,7 +129,6 @@ class CellSearch(Searcher):
         self.search_metric = metric
         self.ledger = ledger
         self.rows = rows
-        self.checkpoint_scheme = checkpoint_scheme
         self.distributions = {p: optuna_distribution(d) for p, d in space.items()}
         self.studies: dict[int, Any] = {}
         self.replay: dict[str, int] = {}  # slot -> number of the Optuna trial a dead driver asked for it
@@ -179,7 +177,7 @@ class CellSearch(Searcher):
             study = self.studies[i]
             if slot in self.replay:
                 number = self.replay.pop(slot)
-                params = dict(study.trials[number].params)
+                params = dict(study.get_trials(deepcopy=False)[number].params)
             else:
                 trial = study.ask(self.distributions)
                 trial.set_user_attr(TRIAL_ATTR, slot)
