@@ -339,6 +339,7 @@ def distributed_slots(spec: ExperimentSpec) -> int:
     return max(1, min(fits))
 
 
+TRAIN_CHECKPOINT_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY (ray 2.60)
 KEPT = ("resurgence", "presence", "presence_erased", "presence_base", "retention", "retention_erased")
 KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "trial_cpu_seconds", "erase_seconds")
 
@@ -369,6 +370,12 @@ class TrialRows(Callback):
         row.update({k: result[k] for k in KEPT if k in result})
         if "erase_cache" in result:  # where its erased model came from: miss, hit or memo
             row["erase_cache"] = str(result["erase_cache"])
+        # A distributed trial's Ray Train job reports its checkpoints as a path among the metrics (Ray's
+        # TuneReportCallback), not as a Tune checkpoint.
+        path = result.get(TRAIN_CHECKPOINT_KEY)
+        slot = trial.config.get(SLOT_KEY)
+        if isinstance(path, str) and slot is not None and self.ledger.checkpoints().get(slot) != self.scheme + path:
+            self.ledger.checkpoint(slot, self.scheme + path)
         r = result.get("resurgence")
         if isinstance(r, int | float) and not r <= row["peak_resurgence"]:  # nan-safe max
             row["peak_resurgence"] = float(r)

@@ -732,7 +732,7 @@ class Progress(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         v = result.get(self.metric)
         if finite(v) and (self.best is None or self.sign * v > self.sign * self.best[0]):
-            self.best = (float(v), trial.trial_id)
+            self.best = (float(v), str(trial.config.get(SLOT_KEY, trial.trial_id)))
         self._maybe_print()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
