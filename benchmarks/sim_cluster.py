@@ -492,11 +492,11 @@ def run_wave(
 
 def count_trial_actors() -> int | str:
     """Trial actors Ray created in all (alive or dead), from the GCS actor table: against the actors that ran
-    trials, this shows actors started and then discarded. A debugging API (`ray._private.state.actors`)."""
+    trials, this shows actors started and then discarded (a Ray internal: orchestrator/ray_internals.py)."""
     try:
-        from ray._private.state import actors
+        from orchestrator.ray_internals import trial_actor_count
 
-        return sum(1 for a in actors().values() if "ImplicitFunc" in a.get("ActorClassName", ""))
+        return trial_actor_count()
     except Exception as exc:  # diagnostics only
         return f"? ({type(exc).__name__})"
 

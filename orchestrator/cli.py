@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.ray_internals import RayVersionError
 from orchestrator.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, parse_spec
 
 EXIT_BAD_INPUT = 2
@@ -239,7 +240,10 @@ def drive(
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
     import ray
 
+    from orchestrator.ray_internals import check_ray_version
     from orchestrator.sweep import rank, run_sweep
+
+    check_ray_version("Tune's event wait, a local Ray on the loopback")  # before any Ray or MLflow state
 
     if args.address:
         # a wrong address is bad input: fail before any MLflow run exists
@@ -269,11 +273,11 @@ def drive(
 def start_local_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     """Start a new Ray of this process's own, on this machine's loopback, with its daemons quieted
     (QUIET_LOCAL_RAY); `kwargs` go to ray.init."""
-    import ray
+    from orchestrator.ray_internals import init_local_ray
 
     for name, value in QUIET_LOCAL_RAY.items():
         os.environ.setdefault(name, value)
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+    init_local_ray("127.0.0.1", include_dashboard=False, num_cpus=num_cpus, **kwargs)
 
 
 def check_address(address: str, field: str = "--address", timeout_s: float = 5.0) -> None:
@@ -447,6 +451,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as err:
         print(f"resurgence: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RayVersionError as err:  # the environment, not the input: one line all the same
+        print(f"resurgence: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from orchestrator.ledger import RESUME_KEY, SLOT_KEY, Row, TrialLedger
+from orchestrator.ray_internals import TRAIN_CHECKPOINT_KEY, raise_tune_idle_wait
 from orchestrator.spec import Dimension, ExperimentSpec, max_finetune_steps
 
 
@@ -339,7 +340,6 @@ def distributed_slots(spec: ExperimentSpec) -> int:
     return max(1, min(fits))
 
 
-TRAIN_CHECKPOINT_KEY = "checkpoint_path"  # ray.tune.integration.ray_train.CHECKPOINT_PATH_KEY (ray 2.60)
 KEPT = ("resurgence", "presence", "presence_erased", "presence_base", "retention", "retention_erased")
 KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "trial_cpu_seconds", "erase_seconds")
 
@@ -397,8 +397,7 @@ class TrialRows(Callback):
 # result, an actor up) and then does its bookkeeping anyway: it asks the searcher, checks the stop conditions
 # and the state file's clock, runs every callback. Ten empty rounds a second cost the driver more CPU than
 # all the events of a toy trial (benchmarks/bench_sweep.py). An event still ends the wait at once, so a wait
-# of up to 1 s thins out only the empty rounds. Ray has no setting for it: the wait is raised in its actor
-# manager (ray 2.60, as pyproject.toml pins it), once per process.
+# of up to 1 s thins out only the empty rounds. Ray has no setting for it (orchestrator/ray_internals.py).
 TUNE_IDLE_WAIT_S = 1.0
 # Tune's experiment state (its own snapshot of a wave) is written at the start and end of every wave and, by
 # default, every 10 s or more, as often as costs 5% of the driver's time, which grows with the wave. A sweep
@@ -410,20 +409,8 @@ TUNE_STATE_EVERY_S = "60"
 def calm_tune_loop() -> None:
     """Raise the controller loop's idle wait to TUNE_IDLE_WAIT_S (a timeout of 0, a poll, stays a poll) and
     write the experiment state every TUNE_STATE_EVERY_S seconds unless the user's environment says otherwise."""
-    from ray.air.execution._internal.actor_manager import RayActorManager
-
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", TUNE_STATE_EVERY_S)
-    if getattr(RayActorManager.next, "calmed", False):
-        return
-    wait_for_event = RayActorManager.next
-
-    def next_event(self: Any, timeout: float | None = None) -> bool:
-        if timeout is not None and 0 < timeout < TUNE_IDLE_WAIT_S:
-            timeout = TUNE_IDLE_WAIT_S
-        return wait_for_event(self, timeout=timeout)
-
-    next_event.calmed = True  # type: ignore[attr-defined]
-    RayActorManager.next = next_event
+    raise_tune_idle_wait(TUNE_IDLE_WAIT_S)
 
 
 def run_waves(

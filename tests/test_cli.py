@@ -285,3 +285,21 @@ def test_local_ray_starts_with_its_daemons_quieted_unless_the_user_set_them(monk
             assert env["REPORTER_UPDATE_INTERVAL_MS"] == "1234"
     finally:
         ray.shutdown()
+
+
+def test_another_ray_version_is_refused_in_one_line_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """The Ray internals the project uses (orchestrator/ray_internals.py) were written for one Ray version."""
+    import ray
+
+    from orchestrator.ray_internals import WRITTEN_FOR, RayVersionError, raise_tune_idle_wait
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    with pytest.raises(RayVersionError, match=rf"written for Ray {WRITTEN_FOR}, but Ray 2\.61\.0 is installed"):
+        raise_tune_idle_wait(1.0)
+    spec = tmp_path / "smoke.yaml"
+    spec.write_text(yaml.safe_dump(SMOKE))
+    assert main(["run", str(spec), "--num-cpus", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"install ray[tune,default]=={WRITTEN_FOR}.*" in err
+    assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
