@@ -34,10 +34,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.metric_names import CURVE_METRICS
 from orchestrator.spec import SpecError
 from orchestrator.sweep import Candidate, best_candidate, pareto_front
 from orchestrator.tracking import finite
-from orchestrator.trial import CURVE_METRICS
 
 PARENT_STAGES = ("sweep", "defense")  # tag `stage` of a sweep's parent run: attacker sweep, defender search
 PAGE_SIZE = 1000  # runs per search_runs page

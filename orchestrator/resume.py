@@ -201,7 +201,7 @@ def continue_trial_runs(tracker: Any, run_name: str, ledger: TrialLedger) -> dic
     """The trial runs an earlier driver left: a run whose trial the ledger holds as ended but that its
     driver did not close is closed now (its last timings, its outcome, its status); the others go on with
     the trials that run again (slot -> (run id, last ft_step))."""
-    from orchestrator.trial import TIMING_METRICS
+    from orchestrator.metric_names import TIMING_METRICS
 
     done = ledger.done()
     going_on: dict[str, tuple[str, int]] = {}

@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 from ray.tune import Callback
 
 from orchestrator.ledger import SLOT_KEY
+from orchestrator.metric_names import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
 from orchestrator.spec import SpecError, resolved_config, trial_spec
-from orchestrator.trial import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value, in characters
 PARAMS_PER_BATCH = 100  # MlflowClient.log_batch limits

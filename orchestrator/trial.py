@@ -58,22 +58,6 @@ log = logging.getLogger("resurgence.trial")
 
 Report = Callable[..., None]  # report(metrics) or report(metrics, checkpoint_folder)
 
-# Reported every evaluation, as metric histories over `ft_step`; and once per trial.
-# Covariates (RESEARCH.md section 4): erase_distance = ||theta_erased - theta_base||, ft_distance =
-# ||theta_now - theta_erased|| (effective weights, so LoRA counts), data_closeness = cosine between the mean
-# detector embedding of the fine-tuning images and of the base model's images of the erased concept.
-CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss", "ft_distance", "resurgence_proxy")
-ONCE_METRICS = (
-    "presence_base",
-    "presence_erased",
-    "retention_base",
-    "retention_erased",
-    "erase_seconds",
-    "erase_cached",
-    "erase_distance",
-    "data_closeness",
-)
-TIMING_METRICS = ("trial_seconds", "trial_cpu_seconds")  # logged with the last result
 
 
 @dataclass
