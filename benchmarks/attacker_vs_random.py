@@ -96,8 +96,8 @@ def main() -> None:
 
     from orchestrator.cli import start_local_ray
     from orchestrator.spec import parse_spec
+    from orchestrator.store import default_tracking_uri
     from orchestrator.sweep import run_sweep
-    from orchestrator.tracking import default_tracking_uri
 
     start_local_ray(num_cpus=2, configure_logging=False)  # the Ray `resurgence run` starts
     uri = default_tracking_uri()

@@ -48,8 +48,8 @@ def main() -> None:
     subprocess.run([*plain_cmd, "0", "99"], env=env, check=True, capture_output=True)
 
     from orchestrator.spec import parse_spec
+    from orchestrator.store import default_tracking_uri
     from orchestrator.sweep import run_sweep
-    from orchestrator.tracking import default_tracking_uri
 
     start_local_ray(num_cpus=1, configure_logging=False)
     # A few more plain trials than the sweep's, so the plain process is still busy when the sweep ends.

@@ -276,8 +276,8 @@ def main() -> None:
 
     import ray
 
+    from orchestrator.store import default_tracking_uri
     from orchestrator.sweep import run_sweep
-    from orchestrator.tracking import default_tracking_uri
 
     start_local_ray(num_cpus=2, configure_logging=False)  # the Ray `resurgence run` starts
     cores = os.cpu_count() or 1

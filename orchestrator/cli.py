@@ -22,10 +22,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# Only light imports here: `resurgence report`, `--help` and a bad flag must not pay for torch and the methods
+# (orchestrator.spec loads every component); each command imports what it needs.
+from orchestrator.errors import SpecError
+from orchestrator.formatting import first_line
 from orchestrator.ray_internals import RayVersionError
-from orchestrator.spec import ExperimentSpec, SpecError, apply_overrides, load_spec, parse_spec
+
+if TYPE_CHECKING:
+    from orchestrator.spec import ExperimentSpec
 
 EXIT_BAD_INPUT = 2
 
@@ -112,7 +118,8 @@ def _positive_int(text: str) -> int:
 
 def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], str]:
     """Everything checked before compute: the spec with CLI overrides, paths, the tracking URI."""
-    from orchestrator.tracking import check_tracking_uri, default_tracking_uri
+    from orchestrator.spec import apply_overrides, load_spec, parse_spec
+    from orchestrator.store import check_tracking_uri, default_tracking_uri
 
     spec, data = load_spec(args.spec)
     overrides: dict[str, Any] = dict(spec.smoke) if args.smoke_test else {}
@@ -193,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.resume import DriverLock, SweepState, check_resumable, unfinished_sweeps
     from orchestrator.spec import parse_spec
-    from orchestrator.tracking import check_tracking_uri
+    from orchestrator.store import check_tracking_uri
 
     base = Path(os.path.abspath(os.path.expanduser(args.storage_path or "ray_results")))
     if args.sweep and (Path(args.sweep) / "sweep.json").is_file():
@@ -297,13 +304,8 @@ def check_address(address: str, field: str = "--address", timeout_s: float = 5.0
         raise SpecError(f"{field}: nothing answers at {parsed.hostname}:{parsed.port} ({err})") from None
 
 
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
-    from orchestrator.sweep import fmt
+    from orchestrator.formatting import fmt
 
     keys = sorted({k for r in rows for k in r["config"] if not k.startswith("_")})
     head = [
@@ -339,6 +341,7 @@ def _data_name(spec: ExperimentSpec) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.search import grid_cells
+    from orchestrator.spec import load_spec
 
     spec, _ = load_spec(args.spec)
     dims = ", ".join(spec.search.space) or "none"
@@ -359,7 +362,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator.report import write_report
-    from orchestrator.tracking import check_tracking_uri, default_tracking_uri
+    from orchestrator.store import check_tracking_uri, default_tracking_uri
 
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
     out = Path(args.out) if args.out else Path("reports") / (args.sweep or args.experiment)

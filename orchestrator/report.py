@@ -34,10 +34,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.candidates import Candidate, best_candidate, pareto_front
+from orchestrator.errors import SpecError
+from orchestrator.formatting import finite, fmt
 from orchestrator.metric_names import CURVE_METRICS
-from orchestrator.spec import SpecError
-from orchestrator.sweep import Candidate, best_candidate, pareto_front
-from orchestrator.tracking import finite
 
 PARENT_STAGES = ("sweep", "defense")  # tag `stage` of a sweep's parent run: attacker sweep, defender search
 PAGE_SIZE = 1000  # runs per search_runs page
@@ -478,11 +478,7 @@ img { max-width: 100%; border: 1px solid #ddd; }
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return fmt(value, missing="–")
 
 
 def _table_html(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:

@@ -20,10 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from methods.catalog import DATASETS, DETECTORS, METHODS, MODELS
 from methods.registry import Registry, UnknownNameError
-
-
-class SpecError(ValueError):
-    """A user error in the experiment spec or the command line; the message names the field."""
+from orchestrator.errors import SpecError
 
 
 class _Strict(BaseModel):

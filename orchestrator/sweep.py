@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from orchestrator.candidates import Candidate, best_candidate, best_line, print_candidates
+from orchestrator.formatting import finite
 from orchestrator.ledger import TrialLedger
 from orchestrator.resume import (
     DriverLock,
@@ -49,7 +51,7 @@ from orchestrator.search import (
     trial_finished,
 )
 from orchestrator.spec import ExperimentSpec
-from orchestrator.tracking import MlflowTrials, Progress, Tracker, finite, flatten, redact
+from orchestrator.tracking import MlflowTrials, Progress, Tracker, flatten, redact
 
 Opening = Future  # of (Tracker, parent run id)
 
@@ -283,19 +285,6 @@ def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     )
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """A defender candidate run of a defense: its values and its outcome over the attacker's trials."""
-
-    number: int
-    run_id: str
-    params: dict[str, Any]  # dotted spec path (erase.config...) -> value (as text when read from MLflow)
-    worst_resurgence: float  # lower is better for the defender; nan when not logged
-    retention: float  # higher is better; nan when not logged
-    feasible: bool
-    status: str
-
-
 def candidate_score(rows: list[Row]) -> tuple[float, float]:
     """(worst resurgence any attack reached, retention after erasure) of one candidate's attack trials."""
     peaks = [r["peak_resurgence"] for r in rows if finite(r.get("peak_resurgence"))]
@@ -423,51 +412,6 @@ def mend_defender_study(study: Any, space: set[str]) -> dict[int, Any]:
     return by_candidate
 
 
-def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The feasible candidates no other feasible one beats on both objectives (worst resurgence lower,
-    retention higher), by worst resurgence ascending. Infeasible ones do not compete: the defense rejects them."""
-    pool = [c for c in candidates if c.feasible and finite(c.worst_resurgence) and finite(c.retention)]
-
-    def beaten(c: Candidate) -> bool:
-        return any(
-            o.worst_resurgence <= c.worst_resurgence
-            and o.retention >= c.retention
-            and (o.worst_resurgence < c.worst_resurgence or o.retention > c.retention)
-            for o in pool
-        )
-
-    return sorted((c for c in pool if not beaten(c)), key=lambda c: (c.worst_resurgence, -c.retention))
-
-
-def best_candidate(candidates: Sequence[Candidate]) -> Candidate | None:
-    """The feasible candidate with the lowest worst resurgence (ties: the higher retention)."""
-    front = pareto_front(candidates)
-    return front[0] if front else None
-
-
-def best_line(candidates: Sequence[Candidate]) -> str:
-    best = best_candidate(candidates)
-    if best is None:
-        return "no feasible candidate yet"
-    return (
-        f"best: candidate {best.number} worst-case resurgence {best.worst_resurgence:.3f}, "
-        f"retention {best.retention:.3f}"
-    )
-
-
-def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
-    front = {c.number for c in pareto_front(candidates)}
-    print(f"\nDefender candidates ({objective}; * = on the Pareto front of the feasible ones):")
-    for c in sorted(candidates, key=lambda c: (not c.feasible, c.worst_resurgence)):
-        params = ", ".join(f"{p}={fmt(v)}" for p, v in c.params.items())
-        mark = "*" if c.number in front else " "
-        print(
-            f" {mark} candidate {c.number}: worst resurgence {fmt(c.worst_resurgence)}, retention "
-            f"{fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
-        )
-    print(best_line(candidates))
-
-
 # -- summaries -------------------------------------------------------------------------------------------
 def rank(rows: list[Row], spec: ExperimentSpec) -> list[Row]:
     """Best first; trials without the metric after, errors last."""
@@ -477,9 +421,3 @@ def rank(rows: list[Row], spec: ExperimentSpec) -> list[Row]:
         rows,
         key=lambda r: (r["error"], not finite(r.get(metric)), sign * r[metric] if finite(r.get(metric)) else 0.0),
     )
-
-
-def fmt(x: Any) -> str:
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.4g}"
-    return str(x)

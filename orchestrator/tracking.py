@@ -23,84 +23,19 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from ray.tune import Callback
 
+from orchestrator.formatting import finite, first_line
 from orchestrator.ledger import SLOT_KEY
 from orchestrator.metric_names import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
-from orchestrator.spec import SpecError, resolved_config, trial_spec
+from orchestrator.spec import resolved_config, trial_spec
+from orchestrator.store import use_wal
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value, in characters
 PARAMS_PER_BATCH = 100  # MlflowClient.log_batch limits
 METRICS_PER_BATCH = 1000
 VERSIONED = ("torch", "diffusers", "transformers", "ray", "mlflow", "optuna", "peft")
-TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def check_tracking_uri(uri: str) -> str:
-    """Reject a tracking URI that cannot work, before anything runs; returns it unchanged."""
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme not in TRACKING_SCHEMES:
-        raise SpecError(
-            f"--tracking-uri: unsupported scheme {scheme or 'none'!r} in {uri!r} "
-            f"(use one of {', '.join(TRACKING_SCHEMES)}; e.g. sqlite:///mlflow.db)"
-        )
-    if scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///"))
-        if not path.parent.is_dir():
-            raise SpecError(f"--tracking-uri: folder {path.parent} does not exist")
-    return uri
-
-
-# Filesystems where SQLite's write-ahead log works: it needs shared memory between the processes that open
-# the database, which network filesystems (NFS, SMB, FUSE mounts) do not give (sqlite.org/wal.html).
-LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "overlay", "zfs", "f2fs", "apfs", "hfs")
-
-
-def filesystem_type(path: Path) -> str | None:
-    """The type of the filesystem holding `path` (the longest mount point above it in /proc/mounts), or
-    None where that cannot be told (no /proc: not Linux)."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    path, best = path.resolve(), ("", None)
-    for line in mounts:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        point = fields[1].replace("\\040", " ")
-        if (path == Path(point) or Path(point) in path.parents) and len(point) > len(best[0]):
-            best = (point, fields[2])
-    return best[1]
-
-
-def use_wal(uri: str) -> bool:
-    """Put a SQLite tracking store on local disk in SQLite's WAL journal mode (a setting the database
-    file keeps; not to be confused with the Tracker's own log of pending writes); returns whether it is. A
-    commit then appends to one log instead of writing and deleting a rollback journal (about a third less
-    time per `log_batch` on this machine), and readers, such as `mlflow ui` or `resurgence report` during a
-    sweep, no longer block the sweep's writer. Stores of other kinds, and SQLite files on a network
-    filesystem, are left as they are."""
-    if not uri.startswith("sqlite:///"):  # also not an in-memory store (sqlite://)
-        return False
-    path = Path(uri.removeprefix("sqlite:///"))
-    if filesystem_type(path.parent) not in LOCAL_FILESYSTEMS:
-        return False
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=2)) as db:
-            return db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal"
-    except sqlite3.Error:  # e.g. another process holds the store just now: it works as it was
-        return False
-
-
 def git_sha() -> str:
     """The commit of this code: $RESURGENCE_GIT_SHA if set (e.g. by a job without .git), else git's answer
     in the package's own checkout, else "unknown"."""
@@ -507,16 +442,6 @@ def unreachable(err: BaseException) -> bool:
     signs += ("database is locked", "RemoteDisconnected", "ConnectionError")
     # 5xx as a status code, not three digits inside a run id or a value
     return any(s in text for s in signs) or re.search(r"(?<![0-9a-fA-F.])50[234](?![0-9a-fA-F]|\.\d)", text) is not None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else type(err).__name__
-
-
-def finite(v: Any) -> bool:
-    """A real number, not nan or inf (metrics MLflow accepts; values a ranking can compare)."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class MlflowTrials(Callback):

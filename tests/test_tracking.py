@@ -127,7 +127,7 @@ def test_the_same_spec_is_found_again_from_another_working_directory():
 def test_local_sqlite_store_uses_a_write_ahead_log(uri, tmp_path, monkeypatch):
     import sqlite3
 
-    import orchestrator.tracking as tracking
+    import orchestrator.store as store
 
     tracker = Tracker(uri, "exp", linger_s=0)
     db = tmp_path / "mlflow.db"
@@ -146,10 +146,10 @@ def test_local_sqlite_store_uses_a_write_ahead_log(uri, tmp_path, monkeypatch):
     assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
     reader.close()
     # Left alone: a store on a network filesystem (WAL needs shared memory), and stores that are not SQLite.
-    monkeypatch.setattr(tracking, "filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr(store, "filesystem_type", lambda path: "nfs4")
     other = tmp_path / "nfs.db"
-    assert not tracking.use_wal(f"sqlite:///{other}")
+    assert not store.use_wal(f"sqlite:///{other}")
     assert not other.exists()
-    assert not tracking.use_wal("http://127.0.0.1:5000")
-    assert not tracking.use_wal("sqlite://")  # in memory
-    assert tracking.filesystem_type(tmp_path) is not None
+    assert not store.use_wal("http://127.0.0.1:5000")
+    assert not store.use_wal("sqlite://")  # in memory
+    assert store.filesystem_type(tmp_path) is not None

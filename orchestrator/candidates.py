@@ -1,0 +1,69 @@
+"""Defender candidates as a defense reads them back: the outcome of each candidate (its worst resurgence over its
+attacks, its retention after erasure), the Pareto front of the feasible ones, and their printed summary.
+Light on purpose: the report reads them without the machinery that ran the search (orchestrator/sweep.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.formatting import finite, fmt
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A defender candidate run of a defense: its values and its outcome over the attacker's trials."""
+
+    number: int
+    run_id: str
+    params: dict[str, Any]  # dotted spec path (erase.config...) -> value (as text when read from MLflow)
+    worst_resurgence: float  # lower is better for the defender; nan when not logged
+    retention: float  # higher is better; nan when not logged
+    feasible: bool
+    status: str
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The feasible candidates no other feasible one beats on both objectives (worst resurgence lower,
+    retention higher), by worst resurgence ascending. Infeasible ones do not compete: the defense rejects them."""
+    pool = [c for c in candidates if c.feasible and finite(c.worst_resurgence) and finite(c.retention)]
+
+    def beaten(c: Candidate) -> bool:
+        return any(
+            o.worst_resurgence <= c.worst_resurgence
+            and o.retention >= c.retention
+            and (o.worst_resurgence < c.worst_resurgence or o.retention > c.retention)
+            for o in pool
+        )
+
+    return sorted((c for c in pool if not beaten(c)), key=lambda c: (c.worst_resurgence, -c.retention))
+
+
+def best_candidate(candidates: Sequence[Candidate]) -> Candidate | None:
+    """The feasible candidate with the lowest worst resurgence (ties: the higher retention)."""
+    front = pareto_front(candidates)
+    return front[0] if front else None
+
+
+def best_line(candidates: Sequence[Candidate]) -> str:
+    best = best_candidate(candidates)
+    if best is None:
+        return "no feasible candidate yet"
+    return (
+        f"best: candidate {best.number} worst-case resurgence {best.worst_resurgence:.3f}, "
+        f"retention {best.retention:.3f}"
+    )
+
+
+def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
+    front = {c.number for c in pareto_front(candidates)}
+    print(f"\nDefender candidates ({objective}; * = on the Pareto front of the feasible ones):")
+    for c in sorted(candidates, key=lambda c: (not c.feasible, c.worst_resurgence)):
+        params = ", ".join(f"{p}={fmt(v)}" for p, v in c.params.items())
+        mark = "*" if c.number in front else " "
+        print(
+            f" {mark} candidate {c.number}: worst resurgence {fmt(c.worst_resurgence)}, retention "
+            f"{fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
+        )
+    print(best_line(candidates))

@@ -1,0 +1,26 @@
+"""Small helpers for numbers and messages that the command, tracking and the report share (no heavy imports)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def finite(v: Any) -> bool:
+    """A real number, not nan or inf (metrics MLflow accepts; values a ranking can compare)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fmt(x: Any, missing: str = "nan") -> str:
+    """A value for a table: floats to 4 significant digits, nan and None as `missing`."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return missing
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An error's message cut to its first line (for one-line errors and log lines)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__
