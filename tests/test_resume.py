@@ -175,27 +175,11 @@ def test_a_new_driver_takes_up_the_dead_drivers_optuna_trials_and_tells_each_onc
     its ledger row, closes the slotless trial as failed, hands t2 out again with the same values through the
     same Optuna trial, and asks t3 fresh: every slot ends with exactly one finished trial."""
     from orchestrator.ledger import TrialLedger
-    from orchestrator.search import Cell, CellSearch, TrialRows, study_storage
-    from orchestrator.spec import Dimension
+    from orchestrator.search import Cell, study_storage
+    from tests.test_search import SPACE, searcher
 
-    space = {"finetune.config.lr": Dimension(loguniform=(1e-5, 1e-3)), "x": Dimension(choice=["p", "q"])}
     cells = [Cell({}, "s-cell0", 0)]
-
-    def searcher(slots):
-        ledger = TrialLedger(tmp_path)
-        return CellSearch(
-            cells,
-            [(s, 0) for s in slots],
-            space,
-            metric="resurgence",
-            mode="max",
-            algorithm="tpe",
-            storage=study_storage(tmp_path / "optuna.journal"),
-            ledger=ledger,
-            rows=TrialRows(ledger, str(tmp_path)),
-        )
-
-    dead = searcher(["t0", "t1", "t2", "t3"])
+    dead = searcher(tmp_path, cells, [(s, 0) for s in ("t0", "t1", "t2", "t3")])
     first = [dead.suggest(f"a{i}") for i in range(3)]
     assert [c["_trial"] for c in first] == ["t0", "t1", "t2"]
     dead.on_trial_complete("a0", {"resurgence": 0.25})
@@ -204,13 +188,13 @@ def test_a_new_driver_takes_up_the_dead_drivers_optuna_trials_and_tells_each_onc
 
     storage = study_storage(tmp_path / "optuna.journal")
     assert sum(t.state.name == "RUNNING" for t in optuna.load_study(study_name="s-cell0", storage=storage).trials) == 3
-    nxt = searcher(["t2", "t3"])
+    nxt = searcher(tmp_path, cells, [("t2", 0), ("t3", 0)])
     study = optuna.load_study(study_name="s-cell0", storage=storage)
     by_slot = {t.user_attrs.get("trial"): t for t in study.trials}
     assert by_slot["t1"].state.name == "COMPLETE" and by_slot["t1"].value == 0.5  # from the ledger's row
     assert by_slot[None].state.name == "FAIL"  # the slotless one
     again = nxt.suggest("b0")
-    assert again == {**{k: first[2][k] for k in space}, "_trial": "t2"}  # the same values, the same trial
+    assert again == {**{k: first[2][k] for k in SPACE}, "_trial": "t2"}  # the same values, the same trial
     assert nxt.suggest("b1")["_trial"] == "t3"
     nxt.on_trial_complete("b0", {"resurgence": 0.75})
     nxt.on_trial_complete("b1", None, error=True)

@@ -31,13 +31,16 @@ def test_grid_cells_and_waves():
     assert all(flat.count(c) == 4 for c in range(3)) and flat[:3] == [0, 1, 2]  # round-robin
 
 
-def _searcher(tmp_path, cells, order, wave="w0"):
-    space = {"finetune.config.lr": Dimension(loguniform=(1e-5, 1e-3)), "x": Dimension(choice=["p", "q"])}
+SPACE = {"finetune.config.lr": Dimension(loguniform=(1e-5, 1e-3)), "x": Dimension(choice=["p", "q"])}
+
+
+def searcher(tmp_path, cells, slots):
+    """A CellSearch over `cells` filling `slots` [(name, cell)], its ledger in tmp_path (a driver's view)."""
     ledger = TrialLedger(tmp_path)
     return CellSearch(
         cells,
-        [(f"{wave}-t{k}", cell) for k, cell in enumerate(order)],
-        space,
+        slots,
+        SPACE,
         metric="resurgence",
         mode="max",
         algorithm="tpe",
@@ -52,7 +55,7 @@ def test_cell_search_hands_out_cells_and_continues_its_studies_across_waves(tmp_
     from ray.tune.search import Searcher
 
     cells = [Cell({"erase.method": "esd"}, "s-cell0", 0), Cell({"erase.method": "uce"}, "s-cell1", 1)]
-    first = _searcher(tmp_path, cells, [0, 1, 0, 1])
+    first = searcher(tmp_path, cells, [(f"w0-t{k}", cell) for k, cell in enumerate([0, 1, 0, 1])])
     configs = [first.suggest(f"t{i}") for i in range(4)]
     assert first.suggest("t4") == Searcher.FINISHED
     assert [c["erase.method"] for c in configs] == ["esd", "uce", "esd", "uce"]
@@ -61,7 +64,7 @@ def test_cell_search_hands_out_cells_and_continues_its_studies_across_waves(tmp_
     for i in range(4):
         first.on_trial_complete(f"t{i}", {"resurgence": 0.1 * i, "training_iteration": 2})
     # the next wave: new searcher objects, the same journal file
-    second = _searcher(tmp_path, cells, [0, 1], wave="w1")
+    second = searcher(tmp_path, cells, [("w1-t0", 0), ("w1-t1", 1)])
     second.suggest("u0")
     second.suggest("u1")
     storage = study_storage(tmp_path / "optuna.journal")
