@@ -81,12 +81,13 @@ class MetaConfig(BaseModel):
 
     @model_validator(mode="after")
     def _inner_method(self) -> MetaConfig:
-        import methods.catalog  # noqa: F401  (registers every method; not at import: the catalog imports us)
-
+        # The methods it may wrap are those registered (methods/catalog.py registers them all; the spec imports it).
         if self.method == "meta":
             raise ValueError("method: meta cannot wrap itself")
         if self.method not in METHODS:
-            raise ValueError(f"method: unknown method {self.method!r} (known: {', '.join(METHODS.names())})")
+            known = ", ".join(n for n in METHODS.names() if n != "meta")
+            known = known or "none; import methods.catalog"
+            raise ValueError(f"method: unknown method {self.method!r} (registered: {known})")
         entry = METHODS.get(self.method)
         if entry.config is not None:
             try:

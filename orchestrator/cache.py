@@ -27,9 +27,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from orchestrator.provenance import ERASE_LIBRARIES, package_versions
 
 log = logging.getLogger("resurgence.cache")
 
@@ -38,7 +39,6 @@ MARKER = "COMPLETE"
 LEASE_TTL_S = 60.0  # a lease nobody renewed for this long belongs to a dead producer
 RENEW_EVERY_S = 10.0
 POLL_S = 0.5  # how often a waiting trial looks for the marker
-VERSIONED = ("torch", "diffusers", "transformers", "peft")  # closed-form edits change with these
 
 
 # -- keys -------------------------------------------------------------------------------------------------
@@ -56,11 +56,8 @@ def code_version() -> str:
         for path in sorted(root.rglob("*.py")):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
-        for pkg in VERSIONED:
-            try:
-                h.update(f"{pkg}={metadata.version(pkg)}".encode())
-            except metadata.PackageNotFoundError:
-                h.update(f"{pkg}=absent".encode())
+        for pkg, version in package_versions(ERASE_LIBRARIES).items():
+            h.update(f"{pkg}={version}".encode())
         _CODE_VERSION = h.hexdigest()[:16]
     return _CODE_VERSION
 

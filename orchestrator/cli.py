@@ -247,8 +247,9 @@ def drive(
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
     import ray
 
+    from orchestrator.attack import rank
     from orchestrator.ray_internals import check_ray_version
-    from orchestrator.sweep import rank, run_sweep
+    from orchestrator.sweep import run_sweep
 
     check_ray_version("Tune's event wait, a local Ray on the loopback")  # before any Ray or MLflow state
 

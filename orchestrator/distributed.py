@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.spec import ExperimentSpec, check_components, trial_spec
+from orchestrator.trial import execute_trial, resume_checkpoint, worker_cache
 
 
 def distributed_trial(
@@ -39,8 +40,6 @@ def distributed_trial(
     per_worker = {"CPU": spec.resources.cpu} | ({"GPU": spec.resources.gpu} if use_gpu else {})
     ctx = tune.get_context()
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
-    from orchestrator.trial import resume_checkpoint
-
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -77,7 +76,6 @@ def train_worker(cfg: dict[str, Any]) -> None:
     import torch.distributed as td
 
     from methods.finetune import Distributed
-    from orchestrator.trial import execute_trial, worker_cache
 
     ctx = ray.train.get_context()
     deepspeed.init_distributed(dist_backend=td.get_backend())  # joins the group Ray Train set up

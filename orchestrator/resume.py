@@ -6,7 +6,7 @@ The sweep's folder (under `storage_path`, or under `cache_dir` when storage is r
 - `spec.json` and `experiment.yaml`: the spec as run (overrides applied);
 - `trials.jsonl`: the ledger of ended trials and their checkpoints (orchestrator/ledger.py);
 - `optuna.journal` (the attacker cells' studies) and `defender.journal` (the defender's study);
-- `mlflow.wal`: MLflow writes not yet confirmed (orchestrator/tracking.py);
+- `mlflow.wal`: MLflow writes not yet confirmed (orchestrator/writer.py);
 - `driver.lock`: held by the living driver.
 
 A continued sweep reaches the end state an uninterrupted one reaches: every slot's trial run once to its end
@@ -222,7 +222,7 @@ def continue_trial_runs(tracker: Any, run_name: str, ledger: TrialLedger) -> dic
 
 def reopen_parent(uri: str, experiment: str, parent: str, folder: Path) -> tuple[Any, str]:
     """The parent run of a sweep another driver started: RUNNING again, and its unwritten writes replayed."""
-    from orchestrator.tracking import Tracker
+    from orchestrator.writer import Tracker
 
     tracker = Tracker(uri, experiment, wal=folder / "mlflow.wal")
     tracker.client.update_run(parent, status="RUNNING")

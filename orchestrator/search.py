@@ -311,7 +311,7 @@ def make_trainable(spec: ExperimentSpec, spec_data: dict[str, Any], lease_actor:
     """The Tune trainable of a sweep's trials (the same for a fresh wave and a restored one)."""
     from ray import tune
 
-    from orchestrator.trial import tune_trainable
+    from orchestrator.trainable import tune_trainable
 
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.distributed is not None:  # the trial's own process only waits: its Ray Train workers hold resources

@@ -1,7 +1,7 @@
 """One trial: erase -> evaluate -> fine-tune, evaluating every `eval_every` steps, as a chain of stages.
 
-`execute_trial` is plain Python (the benchmark calls it in a loop); `tune_trainable` is the same trial as
-a Ray Tune function trainable. Reports carry `ft_step` (the monotonic step ASHA uses), `presence`,
+`execute_trial` is plain Python (the benchmark calls it in a loop); `tune_trainable` (trainable.py) is the
+same trial as a Ray Tune function trainable. Reports carry `ft_step` (the monotonic step ASHA uses), `presence`,
 `resurgence` (= presence - presence right after erasure), `retention` (when the full evaluation ran at
 that step: every report, or with `evaluate.full: end` only at the end of each round), `resurgence_proxy`
 (with `evaluate.proxy`: the cheap denoising-loss signal, at every report) and once-per-trial constants
@@ -52,7 +52,7 @@ from methods.finetune import Distributed, Diverged, Finetuner
 from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
 from orchestrator.cache import EraseCache, content_key, open_cache
 from orchestrator.ledger import RESUME_KEY
-from orchestrator.spec import ExperimentSpec, check_components, resolved_config, trial_spec
+from orchestrator.spec import ExperimentSpec, check_components, resolved_config
 
 log = logging.getLogger("resurgence.trial")
 
@@ -377,31 +377,6 @@ def inject_fault(step: int, trial_dir: Path) -> None:
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able part of a report (numbers and text)."""
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
-
-
-def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_actor: str | None = None) -> None:
-    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path. A
-    distributed trial runs its fine-tune as a Ray Train job (`distributed_trial`)."""
-    from ray import tune
-
-    spec = trial_spec(spec_data, config)
-    if spec.distributed is not None:
-        from orchestrator.distributed import distributed_trial
-
-        distributed_trial(spec, config, spec_data, lease_actor)
-        return
-
-    def report(metrics: dict[str, Any], folder: Path | None = None) -> None:
-        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
-        tune.report(metrics, checkpoint=checkpoint)
-
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    checkpoint = tune.get_checkpoint() or resume_checkpoint(config)
-    if checkpoint is None:
-        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor))
-        return
-    with checkpoint.as_directory() as folder:
-        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor), resume=Path(folder))
 
 
 def resume_checkpoint(config: dict[str, Any]) -> Any:

@@ -229,8 +229,8 @@ def test_gpu_request_without_gpu(tmp_path, monkeypatch, capsys):
 
 
 def test_summary_orders_best_first_errors_last():
+    from orchestrator.attack import rank
     from orchestrator.spec import parse_spec
-    from orchestrator.sweep import rank
 
     def result(tid, value, error=None):
         return {"trial": tid, "resurgence": value, "config": {}, "error": error is not None}

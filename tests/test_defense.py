@@ -12,8 +12,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from orchestrator.defender import defender_study
 from orchestrator.spec import parse_spec
-from orchestrator.sweep import defender_study
 from tests.conftest import REPO
 from tests.test_e2e import resurgence_cmd
 

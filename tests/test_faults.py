@@ -164,8 +164,7 @@ def test_a_driver_killed_mid_sweep_is_continued_by_resume(tmp_path, isolated_env
 
 @pytest.mark.parametrize("secret", ["hf_s3cr3t_t0ken_value"])
 def test_secrets_stay_out_of_params_and_artifacts(tmp_path, secret):
-    from orchestrator.sweep import redacted_spec
-    from orchestrator.tracking import redact
+    from orchestrator.redaction import redact, redacted_spec
 
     os.environ["HF_TOKEN"] = secret
     try:

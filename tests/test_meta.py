@@ -2,6 +2,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import methods.catalog  # noqa: F401  (registers the methods meta wraps)
 from methods import meta
 from methods.datasets import DataContext
 from methods.erasing import Concept, EraseRequest

@@ -8,7 +8,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from orchestrator.resume import left_runs, spec_hash
-from orchestrator.tracking import Tracker, unreachable
+from orchestrator.writer import Tracker, unreachable
 
 
 @pytest.fixture

@@ -1,0 +1,97 @@
+"""The attacker: every grid cell's Optuna study (orchestrator/search.py) run in waves of Tune trials, each trial
+an erase-then-fine-tune looking for the fine-tuning that brings the erased concept back; one MLflow child run
+per trial under the sweep's parent run, and the sweep's summary metrics on the parent."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from orchestrator.callbacks import MlflowTrials, Progress
+from orchestrator.formatting import finite
+from orchestrator.ledger import TrialLedger
+from orchestrator.resume import continue_trial_runs, new_metrics
+from orchestrator.search import Cell, Row, grid_cells, run_waves
+from orchestrator.spec import ExperimentSpec
+from orchestrator.writer import Tracker
+
+Opening = Future  # of (Tracker, parent run id): MLflow's set-up overlaps the start of the first trials
+
+
+def sweep_dir(spec: ExperimentSpec, run_name: str) -> Path:
+    """The sweep's own folder on the driver (its spec copy, the Optuna journals)."""
+    base = spec.storage_path if "://" not in spec.storage_path else spec.cache_dir
+    return Path(base) / run_name
+
+
+def attacker_cells(spec: ExperimentSpec, prefix: str, fixed: dict[str, Any] | None = None) -> list[Cell]:
+    return [
+        Cell({**(fixed or {}), **grid}, study=f"{prefix}-cell{j}", seed=spec.search.seed + j)
+        for j, grid in enumerate(grid_cells(spec.search.space))
+    ]
+
+
+def run_attack(
+    spec: ExperimentSpec,
+    data: dict[str, Any],
+    opening: Opening,
+    run_name: str,
+    tags: dict[str, str],
+    lease: str | None,
+    on_wave: Callable[[int, list[Row]], None] | None = None,
+    resumed: bool = False,
+) -> list[Row]:
+    cells = attacker_cells(spec, run_name)
+    total = len(cells) * spec.search.num_samples
+    folder = sweep_dir(spec, run_name)
+    ledger = TrialLedger(folder)
+    existing = continue_trial_runs(opening.result()[0], run_name, ledger) if resumed else {}
+    callback = MlflowTrials(opening.result, data, tags, existing=existing)
+    progress = Progress(total, spec.search.metric, spec.search.mode, ended=ledger.done().values())
+    rows = run_waves(
+        spec,
+        data,
+        cells=cells,
+        per_cell=spec.search.num_samples,
+        run_name=run_name,
+        study_path=folder / "optuna.journal",
+        callbacks=[callback, progress],
+        lease_actor=lease,
+        ledger=ledger,
+        on_wave=on_wave,
+    )
+    tracker, parent = opening.result()
+    log_summary(tracker, parent, rows, spec, resumed)
+    return rows
+
+
+def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: ExperimentSpec, resumed: bool) -> None:
+    ok = [r for r in rows if not r["error"]]
+    best = rank(rows, spec)[0] if ok else None
+    metrics = [("trials_completed", len(ok), 0), ("trials_failed", len(rows) - len(ok), 0)]
+    cache = Counter(r["erase_cache"] for r in rows if r.get("erase_cache"))  # miss / hit / memo, over all drivers
+    metrics += [(f"erase_cache_{k}", v, 0) for k, v in sorted(cache.items())]
+    if best is not None and finite(best[spec.search.metric]):
+        metrics.append((f"best_{spec.search.metric}", best[spec.search.metric], 0))
+    if resumed:  # the dead driver may have logged them already (it died writing the report)
+        metrics = new_metrics(logged_metrics(tracker, parent), metrics)
+    tracker.log(parent, metrics=metrics)
+
+
+def logged_metrics(tracker: Tracker, run_id: str) -> dict[str, float]:
+    tracker.flush()
+    return dict(tracker.client.get_run(tracker.run_id(run_id) or run_id).data.metrics)
+
+
+# -- summaries -------------------------------------------------------------------------------------------
+def rank(rows: list[Row], spec: ExperimentSpec) -> list[Row]:
+    """Best first; trials without the metric after, errors last."""
+    sign = -1 if spec.search.mode == "max" else 1
+    metric = spec.search.metric
+    return sorted(
+        rows,
+        key=lambda r: (r["error"], not finite(r.get(metric)), sign * r[metric] if finite(r.get(metric)) else 0.0),
+    )

@@ -1,0 +1,35 @@
+"""The Ray Tune entry point of a trial: its config (the trial's sampled values by dotted spec path) becomes the
+trial's spec, and the trial runs here (orchestrator/trial.py) or, for a distributed fine-tune, as a Ray Train
+job (orchestrator/distributed.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.distributed import distributed_trial
+from orchestrator.spec import trial_spec
+from orchestrator.trial import execute_trial, resume_checkpoint, worker_cache
+
+
+def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_actor: str | None = None) -> None:
+    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path. A
+    distributed trial runs its fine-tune as a Ray Train job (`distributed_trial`)."""
+    from ray import tune
+
+    spec = trial_spec(spec_data, config)
+    if spec.distributed is not None:
+        distributed_trial(spec, config, spec_data, lease_actor)
+        return
+
+    def report(metrics: dict[str, Any], folder: Path | None = None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    checkpoint = tune.get_checkpoint() or resume_checkpoint(config)
+    if checkpoint is None:
+        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor))
+        return
+    with checkpoint.as_directory() as folder:
+        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor), resume=Path(folder))
