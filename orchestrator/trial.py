@@ -59,7 +59,6 @@ log = logging.getLogger("resurgence.trial")
 Report = Callable[..., None]  # report(metrics) or report(metrics, checkpoint_folder)
 
 
-
 @dataclass
 class Erased:
     model: DiffusionModel  # never fine-tuned, only copied
