@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,37 +35,58 @@ def attacker_cells(spec: ExperimentSpec, prefix: str, fixed: dict[str, Any] | No
     ]
 
 
-def run_attack(
-    spec: ExperimentSpec,
-    data: dict[str, Any],
-    opening: Opening,
-    run_name: str,
-    tags: dict[str, str],
-    lease: str | None,
-    on_wave: Callable[[int, list[Row]], None] | None = None,
-    resumed: bool = False,
-) -> list[Row]:
-    cells = attacker_cells(spec, run_name)
-    total = len(cells) * spec.search.num_samples
-    folder = sweep_dir(spec, run_name)
-    ledger = TrialLedger(folder)
-    existing = continue_trial_runs(opening.result()[0], run_name, ledger) if resumed else {}
-    callback = MlflowTrials(opening.result, data, tags, existing=existing)
-    progress = Progress(total, spec.search.metric, spec.search.mode, ended=ledger.done().values())
-    rows = run_waves(
-        spec,
-        data,
-        cells=cells,
-        per_cell=spec.search.num_samples,
-        run_name=run_name,
-        study_path=folder / "optuna.journal",
-        callbacks=[callback, progress],
-        lease_actor=lease,
-        ledger=ledger,
-        on_wave=on_wave,
-    )
-    tracker, parent = opening.result()
-    log_summary(tracker, parent, rows, spec, resumed)
+@dataclass(frozen=True)
+class SearchRun:
+    """A sweep's search as `run_sweep` hands it to the attacker (`run_attack`) or the defender (`run_defense`),
+    with what both do alike: the trials' bookkeeping and their waves."""
+
+    spec: ExperimentSpec
+    data: dict[str, Any]  # the spec as run (overrides applied)
+    opening: Opening
+    run_name: str
+    tags: dict[str, str]  # on every run
+    lease: str | None  # the erase cache's lease actor (None: lock files on one machine)
+    on_wave: Callable[[int, list[Row]], None] | None
+    resumed: bool  # an earlier driver of this sweep died
+
+    @property
+    def folder(self) -> Path:
+        return sweep_dir(self.spec, self.run_name)
+
+    def bookkeeping(self, total: int, parents: dict[Any, str] | None = None) -> tuple[TrialLedger, list[Any]]:
+        """The sweep's ledger, and the Tune callbacks that mirror trials into MLflow (`parents`: a defender
+        candidate's run by its number) and print progress; a continued sweep's runs and ended trials count."""
+        ledger = TrialLedger(self.folder)
+        existing = continue_trial_runs(self.opening.result()[0], self.run_name, ledger) if self.resumed else {}
+        callback = MlflowTrials(self.opening.result, self.data, self.tags, parents=parents, existing=existing)
+        s = self.spec.search
+        return ledger, [callback, Progress(total, s.metric, s.mode, ended=ledger.done().values())]
+
+    def waves(
+        self, cells: list[Cell], name: str, ledger: TrialLedger, callbacks: list[Any], slot_prefix: str = ""
+    ) -> list[Row]:
+        """`search.num_samples` trials of every cell, in waves (orchestrator/search.py)."""
+        return run_waves(
+            self.spec,
+            self.data,
+            cells=cells,
+            per_cell=self.spec.search.num_samples,
+            run_name=name,
+            study_path=self.folder / "optuna.journal",
+            callbacks=callbacks,
+            lease_actor=self.lease,
+            ledger=ledger,
+            on_wave=self.on_wave,
+            slot_prefix=slot_prefix,
+        )
+
+
+def run_attack(run: SearchRun) -> list[Row]:
+    cells = attacker_cells(run.spec, run.run_name)
+    ledger, callbacks = run.bookkeeping(len(cells) * run.spec.search.num_samples)
+    rows = run.waves(cells, run.run_name, ledger, callbacks)
+    tracker, parent = run.opening.result()
+    log_summary(tracker, parent, rows, run.spec, run.resumed)
     return rows
 
 
@@ -83,7 +105,7 @@ def log_summary(tracker: Tracker, parent: str, rows: list[Row], spec: Experiment
 
 def logged_metrics(tracker: Tracker, run_id: str) -> dict[str, float]:
     tracker.flush()
-    return dict(tracker.client.get_run(tracker.run_id(run_id) or run_id).data.metrics)
+    return dict(tracker.client.get_run(run_id).data.metrics)
 
 
 # -- summaries -------------------------------------------------------------------------------------------

@@ -13,22 +13,18 @@ parent run, one `defender-candidate` child per candidate, the attack trials unde
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.attack import Opening, attacker_cells, log_summary, logged_metrics, sweep_dir
-from orchestrator.callbacks import MlflowTrials, Progress
+from orchestrator.attack import SearchRun, attacker_cells, log_summary, logged_metrics
 from orchestrator.candidates import Candidate, best_candidate, best_line, print_candidates
 from orchestrator.formatting import finite
-from orchestrator.ledger import TrialLedger
-from orchestrator.resume import continue_trial_runs, left_runs, new_metrics
+from orchestrator.resume import left_runs, new_metrics
 from orchestrator.search import (
     Cell,
     Row,
     grid_cells,
     optuna_distribution,
-    run_waves,
     study_storage,
     tell,
     trial_finished,
@@ -66,36 +62,23 @@ def candidate_score(rows: list[Row]) -> tuple[float, float]:
 CANDIDATE_ATTR = "candidate"  # a defender study trial's user attribute: the candidate number it is
 
 
-def run_defense(
-    spec: ExperimentSpec,
-    data: dict[str, Any],
-    opening: Opening,
-    run_name: str,
-    tags: dict[str, str],
-    lease: str | None,
-    on_wave: Callable[[int, list[Row]], None] | None = None,
-    resumed: bool = False,
-) -> list[Row]:
+def run_defense(run: SearchRun) -> list[Row]:
     """The defender's waves. Candidate c of wave i is the defender study's trial with user attribute
     candidate = c; its attacks fill the ledger's slots `d{i:03d}-t...`. A continued sweep walks the same
     waves: a candidate the dead driver had asked for is taken from the study (not asked again), its MLflow
     run found by its tag, its attacks run only where the ledger lacks them; a candidate the study already
     knows the outcome of is not told again, and its run is closed if its driver had not."""
+    spec, run_name, tags, resumed = run.spec, run.run_name, run.tags, run.resumed
     d = spec.defender
     assert d is not None
-    folder = sweep_dir(spec, run_name)
-    ledger = TrialLedger(folder)
-    study = defender_study(spec, folder / "defender.journal", f"{run_name}-defender")
+    study = defender_study(spec, run.folder / "defender.journal", f"{run_name}-defender")
     distributions = {path: optuna_distribution(dim) for path, dim in d.space.items()}
-    n_cells = len(grid_cells(spec.search.space))
-    total = d.candidates * n_cells * spec.search.num_samples
-    tracker, parent = opening.result()
-    existing = continue_trial_runs(tracker, run_name, ledger) if resumed else {}
+    total = d.candidates * len(grid_cells(spec.search.space)) * spec.search.num_samples
+    parents: dict[Any, str] = {}  # candidate number -> its MLflow run (filled wave by wave)
+    ledger, callbacks = run.bookkeeping(total, parents)
+    tracker, parent = run.opening.result()
     known = left_runs(tracker, run_name, "defender-candidate", "candidate") if resumed else {}
     asked_before = mend_defender_study(study, set(distributions))
-    parents: dict[Any, str] = {}
-    callback = MlflowTrials(opening.result, data, tags, parents=parents, existing=existing)
-    progress = Progress(total, spec.search.metric, spec.search.mode, ended=ledger.done().values())
     candidates: list[Candidate] = []
     all_rows: list[Row] = []
     number = wave = 0
@@ -117,19 +100,7 @@ def run_defense(
                 )
                 tracker.log(parents[c], params={f"defender.{p}": str(v) for p, v in trial.params.items()})
             cells += attacker_cells(spec, f"{run_name}-c{c}", fixed={**trial.params, "_candidate": c})
-        rows = run_waves(
-            spec,
-            data,
-            cells=cells,
-            per_cell=spec.search.num_samples,
-            run_name=f"{run_name}-d{wave:03d}",
-            study_path=folder / "optuna.journal",
-            callbacks=[callback, progress],
-            lease_actor=lease,
-            ledger=ledger,
-            on_wave=on_wave,
-            slot_prefix=f"d{wave:03d}-",
-        )
+        rows = run.waves(cells, f"{run_name}-d{wave:03d}", ledger, callbacks, slot_prefix=f"d{wave:03d}-")
         all_rows += rows
         for c, trial in wave_candidates:
             worst, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import SpecError
 from orchestrator.ledger import LedgerError, TrialLedger
-from orchestrator.spec import SpecError
+from orchestrator.metric_names import TIMING_METRICS
+from orchestrator.writer import Tracker
 
 # The folder layout this version writes and reads. 1: before the ledger (rows per wave, Tune's experiment
 # state restored); 2: slots and the ledger.
@@ -166,7 +168,7 @@ class LeftRun:
     metrics: dict[str, float]
 
 
-def left_runs(tracker: Any, run_name: str, stage: str, key: str) -> dict[str, LeftRun]:
+def left_runs(tracker: Tracker, run_name: str, stage: str, key: str) -> dict[str, LeftRun]:
     """The runs of a sweep at `stage` in MLflow, by their tag `key` (trial_id: the slot; candidate). The
     writes an earlier driver left in the write-ahead log go in first: a run it had queued but not written
     would otherwise be missed here, made again, and then replayed as a second run."""
@@ -197,12 +199,10 @@ def new_metrics(have: dict[str, float], metrics: list[tuple[str, float, int]]) -
     return [m for m in metrics if have.get(m[0]) != m[1]]
 
 
-def continue_trial_runs(tracker: Any, run_name: str, ledger: TrialLedger) -> dict[str, tuple[str, int]]:
+def continue_trial_runs(tracker: Tracker, run_name: str, ledger: TrialLedger) -> dict[str, tuple[str, int]]:
     """The trial runs an earlier driver left: a run whose trial the ledger holds as ended but that its
     driver did not close is closed now (its last timings, its outcome, its status); the others go on with
     the trials that run again (slot -> (run id, last ft_step))."""
-    from orchestrator.metric_names import TIMING_METRICS
-
     done = ledger.done()
     going_on: dict[str, tuple[str, int]] = {}
     for slot, run in left_runs(tracker, run_name, "trial", "trial_id").items():
@@ -220,10 +220,8 @@ def continue_trial_runs(tracker: Any, run_name: str, ledger: TrialLedger) -> dic
     return going_on
 
 
-def reopen_parent(uri: str, experiment: str, parent: str, folder: Path) -> tuple[Any, str]:
+def reopen_parent(uri: str, experiment: str, parent: str, folder: Path) -> tuple[Tracker, str]:
     """The parent run of a sweep another driver started: RUNNING again, and its unwritten writes replayed."""
-    from orchestrator.writer import Tracker
-
     tracker = Tracker(uri, experiment, wal=folder / "mlflow.wal")
     tracker.client.update_run(parent, status="RUNNING")
     return tracker, parent

@@ -354,10 +354,11 @@ class TrialRows(Callback):
         self.ledger = ledger
         self.scheme = storage_path.split("://")[0] + "://" if "://" in storage_path else ""
 
-    def empty(self, trial_id: str, config: dict[str, Any] | None = None, error: bool = False) -> Row:
+    def empty(self, slot: str, config: dict[str, Any] | None = None, error: bool = False) -> Row:
+        """A row with nothing reported yet."""
         return {
             **{k: float("nan") for k in KEPT},
-            "trial": trial_id,
+            "trial": slot,
             "error": error,
             "config": dict(config or {}),
             "peak_resurgence": float("nan"),

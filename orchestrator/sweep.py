@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.attack import run_attack, sweep_dir
+from orchestrator.attack import SearchRun, run_attack, sweep_dir
 from orchestrator.defender import run_defense
 from orchestrator.redaction import redact, redacted_spec
 from orchestrator.resume import DriverLock, SweepState, reopen_parent, spec_hash
@@ -120,8 +120,8 @@ def run_sweep(
     try:
         state.parent = opening.result()[1]
         state.save(folder)
-        run = run_defense if spec.defender is not None else run_attack
-        rows = run(spec, data, opening, run_name, tags, lease, on_wave, resume is not None)
+        search = SearchRun(spec, data, opening, run_name, tags, lease, on_wave, resume is not None)
+        rows = run_defense(search) if spec.defender is not None else run_attack(search)
         tracker, parent = opening.result()
         ok = any(not r["error"] for r in rows)
         index = None
