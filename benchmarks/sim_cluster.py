@@ -97,7 +97,7 @@ from typing import Any
 # 1, launch-bound: SD v1.4 2.6-4.0 s, SDXL 6.2-6.6 s per image).
 SD14_IMAGE_S = 0.366
 SDXL_IMAGE_S = 2.081
-# Images per evaluation: 20 of the erased concept + 20 of the other concepts (presence and retention). RESEARCH.md 4
+# Images per evaluation: 20 of the erased concept + 20 of the others (presence, retention; docs/background.md §4)
 # says 25-100 per concept is typical; 40 in all is our choice for a search that evaluates every chunk.
 EVAL_IMAGES = 40
 # Classifying 40 images at 224 px with a CLIP ViT-L/14 vision tower: 0.017 s (measured); rounded up to 0.1 s for
@@ -164,8 +164,8 @@ STAGES: dict[str, ModelTimes] = {
     ),
 }
 ERASE_STRENGTHS = (0, 1, 2)  # e.g. ESD's lr / eta, UCE's lambda, MACE's lamb: 3 settings per method
-FT_STEPS = (100, 200, 300)  # fine-tuning budgets (RESEARCH.md 3: attacks of 50-100 steps, up to 300 evaluated)
-LR_RANGE = (1e-6, 1e-4)  # RESEARCH.md 3: lr 1e-6..1e-4
+FT_STEPS = (100, 200, 300)  # fine-tuning budgets (docs/background.md §3: attacks of 50-100 steps, up to 300 evaluated)
+LR_RANGE = (1e-6, 1e-4)  # docs/background.md §3: lr 1e-6..1e-4
 
 CACHE_ACTOR = "erase_cache"
 NAMESPACE = "sim_cluster"

@@ -1,7 +1,7 @@
 """Concept presence on generated images, and the detectors that decide it.
 
 presence(c) = fraction of images generated from concept c's prompts that the detector assigns to c,
-among the classes {all concepts of the experiment} + extra classes (RESEARCH.md section 4).
+among the classes {all concepts of the experiment} + extra classes (docs/background.md §4).
 retention   = mean presence of the *other* concepts on their own prompts (utility / specificity).
 resurgence  = presence after fine-tuning - presence right after erasure (computed by the trial).
 
@@ -45,7 +45,7 @@ class Detector(Protocol):
 
 DETECTORS: Registry[Callable[[Any, torch.device], Detector]] = Registry("detector")
 
-# A random tiny open_clip tower (set head_width on a tiny vision tower: RESEARCH.md section 5).
+# A random tiny open_clip tower (set head_width on a tiny vision tower: docs/background.md §5).
 TINY_CLIP = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -208,7 +208,7 @@ def mean_embedding(detector: Detector, pixels: torch.Tensor, batch_size: int = 6
 
 
 def closeness(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine between two mean embeddings: how close a fine-tuning set is to a concept (RESEARCH.md §4)."""
+    """Cosine between two mean embeddings: how close a fine-tuning set is to a concept (docs/background.md §4)."""
     return float(F.cosine_similarity(a.float(), b.float(), dim=0))
 
 

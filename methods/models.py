@@ -178,7 +178,7 @@ class DiffusionModel:
 
     def master_weights(self, params: list[torch.nn.Parameter]) -> None:
         """Keep trained parameters in fp32 (Adam on half-precision weights loses small updates:
-        RESEARCH.md section 6); forward passes run under `autocast`."""
+        docs/background.md §6); forward passes run under `autocast`."""
         for p in params:
             p.data = p.data.float()
 
@@ -278,7 +278,7 @@ class DiffusionModel:
 @torch.no_grad()
 def weight_distance(a: DiffusionModel, b: DiffusionModel) -> float:
     """L2 distance between two models' effective weights (only the parameters that differ contribute):
-    a method's footprint. Resurgence is strongest when erased weights stay close to the base (RESEARCH.md §1)."""
+    a method's footprint. Resurgence is strongest when erased weights stay close to the base (docs/background.md §1)."""
     wa, wb = a.effective_weights(), b.effective_weights()
     total = 0.0
     for name, x in wa.items():
@@ -330,7 +330,7 @@ def _place(pipe: Any, device: torch.device, dtype: torch.dtype) -> Any:
     if pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
     if isinstance(pipe, StableDiffusionXLPipeline):
-        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (RESEARCH.md section 6)
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (docs/background.md §6)
     return pipe
 
 

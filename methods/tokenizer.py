@@ -1,6 +1,6 @@
 """Stable Diffusion's CLIP BPE tokenizer, built offline from the vocabulary file open_clip ships.
 
-Recipe (RESEARCH.md section 5): merges = lines[1:48895] of `bpe_simple_vocab_16e6.txt.gz`; vocab = the 256
+Recipe (docs/background.md §5): merges = lines[1:48895] of `bpe_simple_vocab_16e6.txt.gz`; vocab = the 256
 byte characters, the same with `</w>`, every merge joined, then `<|startoftext|>` and `<|endoftext|>`
 (49,408 entries). transformers' `CLIPTokenizer` over those files gives SD's ids (bos 49406, eos = pad 49407).
 """

@@ -2,7 +2,7 @@
 token embeddings and positions, the ridge solve, and a processor that records cross-attention maps.
 
 Shapes: SD v1.4 has 16 cross-attention blocks, i.e. 32 K/V matrices 768 -> {320, 640, 1280}; SDXL has 70
-blocks, 140 K/V matrices 2048 -> {640, 1280} (RESEARCH.md section 2). The text side of every K/V is the
+blocks, 140 K/V matrices 2048 -> {640, 1280} (docs/background.md §2). The text side of every K/V is the
 conditioning `DiffusionModel.encode` returns (SDXL: both encoders' penultimate layers concatenated).
 """
 
