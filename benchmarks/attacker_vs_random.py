@@ -95,7 +95,7 @@ def main() -> None:
     import ray
 
     from orchestrator.cli import start_local_ray
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec import parse_experiment
     from orchestrator.store import default_tracking_uri
     from orchestrator.sweep import run_sweep
 
@@ -105,10 +105,10 @@ def main() -> None:
     for label, algorithm, asha in (("attacker (TPE + ASHA on the proxy)", "tpe", True), ("random", "random", False)):
         data = sweep_data(args.trials, algorithm, asha)
         data["storage_path"], data["cache_dir"] = str(tmp / "ray_results"), str(tmp / "cache")  # one erase cache
-        spec = parse_spec(data)
+        experiment = parse_experiment(data)
         start = time.perf_counter()
-        outcome = run_sweep(spec, data, uri, "toy_resurgence.yaml", write_html=False, one_node=True)
-        results[label] = (outcome, time.perf_counter() - start, curves(uri, outcome.run_name, spec.name))
+        outcome = run_sweep(experiment, uri, "toy_resurgence.yaml", write_html=False, one_node=True)
+        results[label] = (outcome, time.perf_counter() - start, curves(uri, outcome.run_name, experiment.spec.name))
     ray.shutdown()
 
     print("\n=== attacker vs random search (toy world, same budget) ===")

@@ -56,14 +56,14 @@ LOOP = r"""
 import json, sys, time
 from pathlib import Path
 import yaml
-from orchestrator.spec import trial_spec
+from orchestrator.resolved import resolve
 from orchestrator.trial import execute_trial
 data = yaml.safe_load(Path(sys.argv[1]).read_text())
 data["cache_dir"] = str(Path(sys.argv[2]) / "cache")
 times = []
 for i in range(data["search"]["num_samples"]):
     start = time.perf_counter()
-    execute_trial(trial_spec(data, {}), lambda m: None, Path(sys.argv[2]) / f"trial{i}")
+    execute_trial(resolve(data), lambda m: None, Path(sys.argv[2]) / f"trial{i}")
     times.append(time.perf_counter() - start)
 print("TRIAL_SECONDS", json.dumps(times))
 """

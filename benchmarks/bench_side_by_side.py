@@ -47,7 +47,7 @@ def main() -> None:
     # Fill the erase cache first (its warm-up trial), so that both sides time the same thing.
     subprocess.run([*plain_cmd, "0", "99"], env=env, check=True, capture_output=True)
 
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec import parse_experiment
     from orchestrator.store import default_tracking_uri
     from orchestrator.sweep import run_sweep
 
@@ -56,7 +56,7 @@ def main() -> None:
     plain = subprocess.Popen(
         [*plain_cmd, str(args.trials + 3), "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    outcome = run_sweep(parse_spec(data), data, default_tracking_uri(), "side_by_side", write_html=False, one_node=True)
+    outcome = run_sweep(parse_experiment(data), default_tracking_uri(), "side_by_side", write_html=False, one_node=True)
     _, cpus, kinds = json.loads(plain.communicate()[0].split("TIMES", 1)[1])
 
     by_subset: dict[str, tuple[list[float], list[float]]] = {}

@@ -89,11 +89,11 @@ from pathlib import Path
 import torch, yaml
 torch.set_num_threads(1)  # as a Ray trial (OMP_NUM_THREADS=1)
 from orchestrator.cache import open_cache
-from orchestrator.spec import trial_spec
+from orchestrator.resolved import resolve
 from orchestrator.trial import execute_trial
 data = json.loads(Path(sys.argv[1]).read_text())
 root, n, seed = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-spec0 = trial_spec(data, {})
+spec0 = resolve(data).spec
 cache = open_cache(spec0.storage_path, Path(spec0.cache_dir) / "erased")
 import random
 rng = random.Random(seed)
@@ -105,7 +105,7 @@ for i in range(n + 1):  # trial 0 warms up: loads the model, evaluates the base,
     config["finetune.config.trainable"] = TRAINABLE[(i + seed) % len(TRAINABLE)]
     kinds.append(config["finetune.config.trainable"])
     start, cpu = time.perf_counter(), time.process_time()
-    execute_trial(trial_spec(data, config), lambda m: None, root / f"trial{seed}-{i}", cache)
+    execute_trial(resolve(data, config), lambda m: None, root / f"trial{seed}-{i}", cache)
     times.append(time.perf_counter() - start)
     cpus.append(time.process_time() - cpu)
 print("TIMES", json.dumps([times, cpus, kinds]), flush=True)
@@ -263,9 +263,10 @@ def main() -> None:
     data["storage_path"] = str(tmp / "ray_results")
     data["cache_dir"] = str(tmp / "cache")
 
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec import parse_experiment
 
-    spec = parse_spec(data)
+    experiment = parse_experiment(data)
+    spec = experiment.spec
     print(f"working in {tmp}", flush=True)
     before, times, cpus, kinds = run_baseline(data, tmp, args.baseline)
     print(
@@ -304,7 +305,7 @@ def main() -> None:
     floor = busy_at_rest / args.floor_seconds - idle_workers  # cores busy at rest
     uri = default_tracking_uri()
     threads0, ticks0, procs, start = thread_cpu(), cpu_ticks(), ProcessCPU(), time.perf_counter()
-    outcome = run_sweep(spec, data, uri, "bench_sweep", on_wave=on_wave, write_html=False, one_node=True)
+    outcome = run_sweep(experiment, uri, "bench_sweep", on_wave=on_wave, write_html=False, one_node=True)
     wall, ticks1, by_process = time.perf_counter() - start, cpu_ticks(), procs.stop()
     ray.shutdown()
     after, times_after, cpus_after, kinds_after = run_baseline(data, tmp, args.baseline, warm=False)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from orchestrator.spec import trial_spec
+from orchestrator.resolved import resolve
 from orchestrator.trial import execute_trial
 
 SPEC = Path(__file__).resolve().parent.parent / "search_spaces" / "toy_resurgence.yaml"
@@ -73,7 +73,7 @@ def main() -> None:
                 "cache_dir": tmp,
             }
             curve: list[dict] = []
-            execute_trial(trial_spec(data, overrides), curve.append, Path(tmp) / "trial")
+            execute_trial(resolve(data, overrides), curve.append, Path(tmp) / "trial")
             first = curve[0]
             points = "  ".join(f"{r['ft_step']}:{r['resurgence']:+.2f}" for r in curve[1:])
             print(

@@ -139,9 +139,14 @@ def clip_detector(cfg: ClipConfig, device: torch.device) -> Detector:
     return ClipZeroShot(cfg, device)
 
 
-def load_detector(name: str, options: dict[str, Any] | None, device: torch.device) -> Detector:
+def load_detector(name: str, options: BaseModel | dict[str, Any] | None, device: torch.device) -> Detector:
+    """A registered detector; `options` is its typed config (as the spec validated it) or a mapping for it."""
     entry = DETECTORS.get(name)
-    cfg = entry.config.model_validate(options or {}) if entry.config else None
+    cfg = (
+        options
+        if isinstance(options, BaseModel) or entry.config is None
+        else entry.config.model_validate(options or {})
+    )
     return entry.obj(cfg, device)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from methods.datasets import CaptionedImages, ImageFolderConfig, image_folder
 from methods.erasing import METHODS, EraseRequest, EraseResult, Method, concept_images
@@ -78,6 +78,7 @@ class MetaConfig(BaseModel):
     unrelated: ImageSet = ImageSet()  # default: the experiment's other concepts' prompts
     image_steps: int = Field(25, ge=1)  # sampling steps for drawn images
     image_guidance: float = Field(7.5, ge=0)
+    _inner: Any = PrivateAttr(None)  # the wrapped method's typed config, validated with this one
 
     @model_validator(mode="after")
     def _inner_method(self) -> MetaConfig:
@@ -91,7 +92,7 @@ class MetaConfig(BaseModel):
         entry = METHODS.get(self.method)
         if entry.config is not None:
             try:
-                entry.config.model_validate(self.method_config)
+                self._inner = entry.config.model_validate(self.method_config)  # typed once, here
             except ValidationError as err:
                 e = err.errors()[0]
                 where = ".".join(str(x) for x in e["loc"])
@@ -99,8 +100,8 @@ class MetaConfig(BaseModel):
         return self
 
     def inner(self) -> Any:
-        entry = METHODS.get(self.method)
-        return entry.config.model_validate(self.method_config) if entry.config else None
+        """The wrapped method's typed config."""
+        return self._inner
 
 
 Batches = list[tuple[torch.Tensor, list[str]]]  # (pixels (B, 3, R, R) in [-1, 1], captions)

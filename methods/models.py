@@ -515,10 +515,15 @@ def pretrained(cfg: PretrainedConfig, device: torch.device, dtype: torch.dtype) 
 
 
 def load_model(
-    name: str, options: dict[str, Any] | None = None, *, device: str = "auto", dtype: str = "auto"
+    name: str, options: BaseModel | dict[str, Any] | None = None, *, device: str = "auto", dtype: str = "auto"
 ) -> DiffusionModel:
+    """A registered model; `options` is its typed config (as the spec validated it) or a mapping for it."""
     entry = MODELS.get(name)
-    cfg = entry.config.model_validate(options or {}) if entry.config else None
+    cfg = (
+        options
+        if isinstance(options, BaseModel) or entry.config is None
+        else entry.config.model_validate(options or {})
+    )
     dev = resolve_device(device)
     model = entry.obj(cfg, dev, resolve_dtype(dtype, dev))
     model.requires_grad_(False)  # methods switch on exactly what they train

@@ -14,9 +14,10 @@ from typing import Any
 from orchestrator.callbacks import MlflowTrials, Progress
 from orchestrator.formatting import finite
 from orchestrator.ledger import TrialLedger
+from orchestrator.paths import driver_folder
 from orchestrator.resume import continue_trial_runs, new_metrics
 from orchestrator.search import Cell, Row, grid_cells, run_waves
-from orchestrator.spec import ExperimentSpec
+from orchestrator.spec import Experiment, ExperimentSpec
 from orchestrator.writer import Tracker
 
 Opening = Future  # of (Tracker, parent run id): MLflow's set-up overlaps the start of the first trials
@@ -24,8 +25,7 @@ Opening = Future  # of (Tracker, parent run id): MLflow's set-up overlaps the st
 
 def sweep_dir(spec: ExperimentSpec, run_name: str) -> Path:
     """The sweep's own folder on the driver (its spec copy, the Optuna journals)."""
-    base = spec.storage_path if "://" not in spec.storage_path else spec.cache_dir
-    return Path(base) / run_name
+    return driver_folder(spec.storage_path, spec.cache_dir) / run_name
 
 
 def attacker_cells(spec: ExperimentSpec, prefix: str, fixed: dict[str, Any] | None = None) -> list[Cell]:
@@ -40,14 +40,17 @@ class SearchRun:
     """A sweep's search as `run_sweep` hands it to the attacker (`run_attack`) or the defender (`run_defense`),
     with what both do alike: the trials' bookkeeping and their waves."""
 
-    spec: ExperimentSpec
-    data: dict[str, Any]  # the spec as run (overrides applied)
+    experiment: Experiment  # the spec as run (overrides applied), parsed once
     opening: Opening
     run_name: str
     tags: dict[str, str]  # on every run
     lease: str | None  # the erase cache's lease actor (None: lock files on one machine)
     on_wave: Callable[[int, list[Row]], None] | None
     resumed: bool  # an earlier driver of this sweep died
+
+    @property
+    def spec(self) -> ExperimentSpec:
+        return self.experiment.spec
 
     @property
     def folder(self) -> Path:
@@ -58,7 +61,7 @@ class SearchRun:
         candidate's run by its number) and print progress; a continued sweep's runs and ended trials count."""
         ledger = TrialLedger(self.folder)
         existing = continue_trial_runs(self.opening.result()[0], self.run_name, ledger) if self.resumed else {}
-        callback = MlflowTrials(self.opening.result, self.data, self.tags, parents=parents, existing=existing)
+        callback = MlflowTrials(self.opening.result, self.tags, parents=parents, existing=existing)
         s = self.spec.search
         return ledger, [callback, Progress(total, s.metric, s.mode, ended=ledger.done().values())]
 
@@ -67,8 +70,7 @@ class SearchRun:
     ) -> list[Row]:
         """`search.num_samples` trials of every cell, in waves (orchestrator/search.py)."""
         return run_waves(
-            self.spec,
-            self.data,
+            self.experiment,
             cells=cells,
             per_cell=self.spec.search.num_samples,
             run_name=name,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from orchestrator.paths import storage_location
 from orchestrator.provenance import ERASE_LIBRARIES, package_versions
 
 log = logging.getLogger("resurgence.cache")
@@ -201,7 +202,7 @@ class EraseCache:
 
         self.root_uri = root
         if filesystem is None:  # `filesystem`: an explicit pyarrow filesystem and a path in it (tests)
-            self.fs, self.root = fs.FileSystem.from_uri(root if "://" in root else os.path.abspath(root))
+            self.fs, self.root = fs.FileSystem.from_uri(storage_location(root))
         else:
             self.fs, self.root = filesystem, root
         self.local = isinstance(self.fs, fs.LocalFileSystem)

@@ -16,7 +16,7 @@ from orchestrator.formatting import finite
 from orchestrator.ledger import SLOT_KEY
 from orchestrator.metric_names import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
 from orchestrator.redaction import redact
-from orchestrator.spec import resolved_config, trial_spec
+from orchestrator.resolved import RESOLVED_KEY, ResolvedTrial
 from orchestrator.writer import Tracker, flatten
 
 
@@ -34,13 +34,11 @@ class MlflowTrials(Callback):
     def __init__(
         self,
         sweep: Callable[[], tuple[Tracker, str]],
-        spec_data: dict[str, Any],
         tags: dict[str, str],
         parents: dict[Any, str] | None = None,
         existing: dict[str, tuple[str, int]] | None = None,
     ):
         self.sweep = sweep
-        self.spec_data = spec_data
         self.tags = tags
         self.parents = parents if parents is not None else {}  # config "_candidate" value -> its run id
         self.wave = ""  # the Tuner run (wave) the trials belong to; run_waves sets it
@@ -69,15 +67,16 @@ class MlflowTrials(Callback):
             self.logged_once.add(trial.trial_id)
             return
         candidate = trial.config.get("_candidate")
-        resolved = resolved_config(trial_spec(self.spec_data, trial.config))
+        resolved: ResolvedTrial = trial.config[RESOLVED_KEY]  # built by the searcher (orchestrator/search.py)
+        params = resolved.params
         run_tags = {
             **self.tags,
             "trial_id": slot,
             "tune_trial_id": trial.trial_id,
             "wave": self.wave,
-            "method": resolved["erase"]["method"],
-            "concept": resolved["concept"]["name"],
-            "model": resolved["model"]["name"],
+            "method": params["erase"]["method"],
+            "concept": params["concept"]["name"],
+            "model": params["model"]["name"],
             "stage": "trial",
             "searched": json.dumps(sorted(k for k in trial.config if not k.startswith("_"))),
         }
@@ -85,7 +84,7 @@ class MlflowTrials(Callback):
             run_tags["candidate"] = str(candidate)
         run_id = tracker.start_run_later(f"trial-{slot}", run_tags, parent=self.parents.get(candidate, parent_id))
         self.runs[trial.trial_id] = run_id
-        tracker.log(run_id, params=redact(flatten(resolved)))
+        tracker.log(run_id, params=redact(flatten(params)))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self.runs.get(trial.trial_id)

@@ -31,7 +31,7 @@ from orchestrator.formatting import first_line
 from orchestrator.ray_internals import RayVersionError
 
 if TYPE_CHECKING:
-    from orchestrator.spec import ExperimentSpec
+    from orchestrator.spec import Experiment, ExperimentSpec
 
 EXIT_BAD_INPUT = 2
 
@@ -116,13 +116,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], str]:
-    """Everything checked before compute: the spec with CLI overrides, paths, the tracking URI."""
-    from orchestrator.spec import apply_overrides, load_spec, parse_spec
+def prepare(args: argparse.Namespace) -> tuple[Experiment, str]:
+    """Everything checked before compute: the spec with CLI overrides (parsed once), paths, the tracking URI."""
+    from orchestrator.paths import is_remote, storage_location
+    from orchestrator.spec import (
+        Experiment,
+        ExperimentSpec,
+        apply_overrides,
+        parse_experiment,
+        read_spec,
+        smoke_overrides,
+    )
     from orchestrator.store import check_tracking_uri, default_tracking_uri
 
-    spec, data = load_spec(args.spec)
-    overrides: dict[str, Any] = dict(spec.smoke) if args.smoke_test else {}
+    data = read_spec(args.spec)
+    overrides: dict[str, Any] = dict(smoke_overrides(data)) if args.smoke_test else {}
     if args.num_samples is not None:
         overrides["search.num_samples"] = args.num_samples
     if args.storage_path is not None:
@@ -130,30 +138,36 @@ def prepare(args: argparse.Namespace) -> tuple[ExperimentSpec, dict[str, Any], s
     data = apply_overrides(data, overrides)
     # Trials run in other processes (and, on a cluster, other machines): pass absolute paths. The storage
     # may also be a URI (s3://, gs://, ...) that pyarrow's filesystems open.
-    storage = data.get("storage_path", spec.storage_path)
-    remote = "://" in storage and not storage.startswith("file://")
-    data["storage_path"] = storage if remote else os.path.abspath(os.path.expanduser(storage.removeprefix("file://")))
-    data["cache_dir"] = os.path.abspath(os.path.expanduser(data.get("cache_dir", spec.cache_dir)))
+    for key, absolute in (("storage_path", storage_location), ("cache_dir", _absolute)):
+        value = data.get(key, ExperimentSpec.model_fields[key].default)
+        if isinstance(value, str):  # anything else: the spec's validation names it
+            data[key] = absolute(value)
+    experiment = parse_experiment(data, check_smoke=not args.smoke_test)  # the smoke test's spec is this one
+    spec = experiment.spec
     if spec.distributed is not None:  # trials on other nodes get the DeepSpeed config itself, not a path
-        from orchestrator.spec import deepspeed_config
-
-        data["distributed"] = {**data["distributed"], "deepspeed": deepspeed_config(spec.distributed.deepspeed)}
-    spec = parse_spec(data)
-    if remote:
+        inline = spec.distributed.model_copy(update={"deepspeed": experiment.components.deepspeed})
+        data["distributed"] = {**data["distributed"], "deepspeed": experiment.components.deepspeed}
+        spec = spec.model_copy(update={"distributed": inline})
+        experiment = Experiment(spec, data, experiment.components)
+    if is_remote(spec.storage_path):
         from pyarrow import fs
 
         try:
             fs.FileSystem.from_uri(spec.storage_path)
         except (ValueError, OSError) as err:
             raise SpecError(f"storage_path: cannot open {spec.storage_path} ({first_line(err)})") from None
-    for field in ("cache_dir",) if remote else ("storage_path", "cache_dir"):
+    for field in ("cache_dir",) if is_remote(spec.storage_path) else ("storage_path", "cache_dir"):
         try:
             os.makedirs(getattr(spec, field), exist_ok=True)
         except OSError as err:
             raise SpecError(f"{field}: cannot create {getattr(spec, field)} ({err.strerror})") from None
     check_resources(spec, args)
     uri = check_tracking_uri(args.tracking_uri or default_tracking_uri())
-    return spec, data, uri
+    return experiment, uri
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def check_resources(spec: ExperimentSpec, args: argparse.Namespace) -> None:
@@ -183,9 +197,9 @@ def check_resources(spec: ExperimentSpec, args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.resume import SweepState, check_resumable, unfinished_sweeps
 
-    spec, data, uri = prepare(args)
+    experiment, uri = prepare(args)
     resume = None
-    found = [] if args.new else unfinished_sweeps(sweep_base(spec), data)
+    found = [] if args.new else unfinished_sweeps(sweep_base(experiment.spec), experiment.data)
     if found:
         resume = SweepState.load(found[0])
         check_resumable(found[0], resume, anew="pass --new to start a new sweep (its folder is left as it is)")
@@ -194,12 +208,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             "stopped before the end). Pass --new for a new sweep.",
             flush=True,
         )
-    return drive(spec, data, uri, args.spec, args, resume)
+    return drive(experiment, uri, args.spec, args, resume)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestrator.resume import DriverLock, SweepState, check_resumable, unfinished_sweeps
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec import parse_experiment
     from orchestrator.store import check_tracking_uri
 
     base = Path(os.path.abspath(os.path.expanduser(args.storage_path or "ray_results")))
@@ -225,23 +239,23 @@ def cmd_resume(args: argparse.Namespace) -> int:
     anew = f"start it anew with `resurgence run {state.spec_file} --new` (its folder is left as it is)"
     data = check_resumable(folder, state, anew)
     try:
-        spec = parse_spec(data)
+        experiment = parse_experiment(data)
     except SpecError as err:
         raise SpecError(f"sweep {state.run_name}: its spec.json is not valid here ({err}); {anew}") from None
-    check_resources(spec, args)
+    check_resources(experiment.spec, args)
     uri = check_tracking_uri(args.tracking_uri or state.tracking_uri)
     print(f"resurgence: continuing sweep {state.run_name} (started {state.started})", flush=True)
-    return drive(spec, data, uri, state.spec_file, args, state)
+    return drive(experiment, uri, state.spec_file, args, state)
 
 
 def sweep_base(spec: ExperimentSpec) -> Path:
     """The folder that holds the sweeps' own folders (run_sweep's sweep_dir)."""
-    return Path(spec.storage_path if "://" not in spec.storage_path else spec.cache_dir)
+    from orchestrator.paths import driver_folder
+
+    return driver_folder(spec.storage_path, spec.cache_dir)
 
 
-def drive(
-    spec: ExperimentSpec, data: dict[str, Any], uri: str, spec_file: str, args: argparse.Namespace, resume: Any
-) -> int:
+def drive(experiment: Experiment, uri: str, spec_file: str, args: argparse.Namespace, resume: Any) -> int:
     """Connect to (or start) Ray and run the sweep; prints the best trials."""
     # ---- compute starts here ----
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # trials see the driver's working directory
@@ -268,7 +282,8 @@ def drive(
             raise  # a local Ray that fails to start is not a user-input error
         field, address = args.address_field, args.address
         raise SpecError(f"{field}: cannot connect to Ray at {address!r} ({first_line(err)})") from None
-    outcome = run_sweep(spec, data, uri, spec_file, resume=resume, one_node=not args.address)
+    spec = experiment.spec
+    outcome = run_sweep(experiment, uri, spec_file, resume=resume, one_node=not args.address)
     rows = rank(outcome.rows, spec)
     print_table(rows, spec)
     print(f"\nMLflow: {len(rows)} trial runs under parent run {outcome.parent} (experiment {spec.name!r})")
@@ -344,7 +359,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.search import grid_cells
     from orchestrator.spec import load_spec
 
-    spec, _ = load_spec(args.spec)
+    spec = load_spec(args.spec).spec
     dims = ", ".join(spec.search.space) or "none"
     cells = len(grid_cells(spec.search.space))
     trials = cells * spec.search.num_samples

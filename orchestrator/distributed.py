@@ -20,31 +20,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orchestrator.spec import ExperimentSpec, check_components, trial_spec
+from orchestrator.paths import is_remote
+from orchestrator.resolved import ResolvedTrial
 from orchestrator.trial import execute_trial, resume_checkpoint, worker_cache
 
 
-def distributed_trial(
-    spec: ExperimentSpec, config: dict[str, Any], spec_data: dict[str, Any], lease_actor: str | None
-) -> None:
+def distributed_trial(trial: ResolvedTrial, config: dict[str, Any], lease_actor: str | None) -> None:
     """Run one distributed trial from inside its Tune trial (blocks until the job ends)."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    d = spec.distributed
+    spec, d = trial.spec, trial.spec.distributed
     assert d is not None
     use_gpu = spec.resources.gpu > 0
     backend = d.backend if d.backend != "auto" else ("nccl" if use_gpu else "gloo")
     per_worker = {"CPU": spec.resources.cpu} | ({"GPU": spec.resources.gpu} if use_gpu else {})
     ctx = tune.get_context()
-    storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
+    storage = spec.storage_path if is_remote(spec.storage_path) else os.path.abspath(spec.storage_path)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "spec_data": spec_data,
-            "config": config,
+            "trial": trial,
             "lease_actor": lease_actor,
             "trial_dir": ctx.get_trial_dir(),
         },
@@ -79,18 +77,19 @@ def train_worker(cfg: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     deepspeed.init_distributed(dist_backend=td.get_backend())  # joins the group Ray Train set up
-    spec = trial_spec(cfg["spec_data"], cfg["config"])
-    dist = Distributed(check_components(spec)["deepspeed"], ctx.get_world_rank(), ctx.get_world_size())
+    trial: ResolvedTrial = cfg["trial"]
+    assert trial.components.deepspeed is not None
+    dist = Distributed(trial.components.deepspeed, ctx.get_world_rank(), ctx.get_world_size())
 
     def report(metrics: dict[str, Any], folder: Path | None = None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    cache = worker_cache(spec, cfg["lease_actor"])
+    cache = worker_cache(trial, cfg["lease_actor"])
     artifacts = Path(cfg["trial_dir"])
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        execute_trial(spec, report, artifacts, cache, distributed=dist)
+        execute_trial(trial, report, artifacts, cache, distributed=dist)
         return
     with checkpoint.as_directory() as folder:
-        execute_trial(spec, report, artifacts, cache, resume=Path(folder), distributed=dist)
+        execute_trial(trial, report, artifacts, cache, resume=Path(folder), distributed=dist)

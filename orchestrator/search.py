@@ -30,8 +30,10 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from orchestrator.ledger import RESUME_KEY, SLOT_KEY, Row, TrialLedger
+from orchestrator.paths import storage_location
 from orchestrator.ray_internals import TRAIN_CHECKPOINT_KEY, raise_tune_idle_wait
-from orchestrator.spec import Dimension, ExperimentSpec, max_finetune_steps
+from orchestrator.resolved import RESOLVED_KEY, max_finetune_steps, resolve_trial
+from orchestrator.spec import Dimension, Experiment, ExperimentSpec
 
 
 def grid_cells(space: dict[str, Dimension]) -> list[dict[str, Any]]:
@@ -107,10 +109,14 @@ class CellSearch(Searcher):
     the dead driver had asked for (still running in the study) runs again with the same values and is told
     through that same trial; a slot the ledger has but the study still calls running is told from its row
     now; a running trial with no slot (the driver died inside `ask`) is closed as failed. So each slot has
-    exactly one finished Optuna trial and no finished trial is told twice."""
+    exactly one finished Optuna trial and no finished trial is told twice.
+
+    Each trial's config carries its `ResolvedTrial` (orchestrator/resolved.py), built here once from the
+    experiment and the trial's values: the worker, the MLflow callback and the erase cache all read it."""
 
     def __init__(
         self,
+        experiment: Experiment,
         cells: list[Cell],
         slots: list[tuple[str, int]],
         space: dict[str, Dimension],
@@ -125,6 +131,7 @@ class CellSearch(Searcher):
         import optuna
 
         super().__init__()  # no metric of its own: Tune then does not require it in every result
+        self.experiment = experiment
         self.cells = cells
         self.slots = list(slots)
         self.search_metric = metric
@@ -185,6 +192,7 @@ class CellSearch(Searcher):
                 number, params = trial.number, dict(trial.params)
             self.asked[trial_id] = number
         config = {**self.cells[i].fixed, **params, SLOT_KEY: slot}
+        config[RESOLVED_KEY] = resolve_trial(self.experiment, config, slot)
         checkpoint = self.ledger.checkpoints().get(slot)
         if checkpoint is not None:  # the dead driver's run of this slot saved one: continue from it
             config[RESUME_KEY] = checkpoint
@@ -240,8 +248,7 @@ def wave_orders(n_cells: int, per_cell: int, wave_size: int | None) -> list[list
 
 
 def build_tuner(
-    spec: ExperimentSpec,
-    spec_data: dict[str, Any],
+    experiment: Experiment,
     *,
     cells: list[Cell],
     slots: list[tuple[str, int]],
@@ -257,8 +264,10 @@ def build_tuner(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    spec = experiment.spec
     s = spec.search
     searcher = CellSearch(
+        experiment,
         cells,
         slots,
         sampled_space(s.space),
@@ -275,14 +284,14 @@ def build_tuner(
             time_attr="ft_step",
             metric=s.scheduler.metric or s.metric,
             mode=s.mode,
-            max_t=max_finetune_steps(spec),
+            max_t=max_finetune_steps(experiment),
             grace_period=s.scheduler.grace_period or spec.finetune.eval_every,
             reduction_factor=s.scheduler.reduction_factor,
         )
     concurrent = s.max_concurrent_trials
     if spec.distributed is not None:  # as many trials at once as there are worker groups' worth of resources
         concurrent = concurrent or distributed_slots(spec)
-    trainable = make_trainable(spec, spec_data, lease_actor)
+    trainable = make_trainable(spec, lease_actor)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -294,7 +303,7 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=run_name,
-            storage_path=storage_path if "://" in storage_path else os.path.abspath(storage_path),
+            storage_path=storage_location(storage_path),
             callbacks=[rows, *callbacks, _json_logger()],
             verbose=0,  # the Progress callback prints one readable line instead of Tune's tables
             # A trial that raised, or whose worker died, runs again (from its last checkpoint, if any).
@@ -307,7 +316,7 @@ def build_tuner(
 DRIVER_CPU = 0.25  # what a distributed trial's own process holds while its Ray Train job runs (Tune needs > 0)
 
 
-def make_trainable(spec: ExperimentSpec, spec_data: dict[str, Any], lease_actor: str | None) -> Any:
+def make_trainable(spec: ExperimentSpec, lease_actor: str | None) -> Any:
     """The Tune trainable of a sweep's trials (the same for a fresh wave and a restored one)."""
     from ray import tune
 
@@ -316,9 +325,7 @@ def make_trainable(spec: ExperimentSpec, spec_data: dict[str, Any], lease_actor:
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.distributed is not None:  # the trial's own process only waits: its Ray Train workers hold resources
         resources = {"cpu": DRIVER_CPU, "gpu": 0}
-    return tune.with_resources(
-        tune.with_parameters(tune_trainable, spec_data=spec_data, lease_actor=lease_actor), resources
-    )
+    return tune.with_resources(tune.with_parameters(tune_trainable, lease_actor=lease_actor), resources)
 
 
 def _json_logger() -> Any:
@@ -360,7 +367,7 @@ class TrialRows(Callback):
             **{k: float("nan") for k in KEPT},
             "trial": slot,
             "error": error,
-            "config": dict(config or {}),
+            "config": {k: v for k, v in (config or {}).items() if k != RESOLVED_KEY},  # the values, as JSON
             "peak_resurgence": float("nan"),
         }
 
@@ -415,8 +422,7 @@ def calm_tune_loop() -> None:
 
 
 def run_waves(
-    spec: ExperimentSpec,
-    spec_data: dict[str, Any],
+    experiment: Experiment,
     *,
     cells: list[Cell],
     per_cell: int,
@@ -435,6 +441,7 @@ def run_waves(
     # files too, written by the driver for every result.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     calm_tune_loop()
+    spec = experiment.spec
     rows: list[Row] = []
     done = ledger.done()
     orders = wave_orders(len(cells), per_cell, spec.search.wave_size)
@@ -453,8 +460,7 @@ def run_waves(
                     cb.wave = name
             collector = TrialRows(ledger, spec.storage_path)
             tuner = build_tuner(
-                spec,
-                spec_data,
+                experiment,
                 cells=cells,
                 slots=todo,
                 run_name=name,
@@ -475,4 +481,3 @@ def run_waves(
         if todo and on_wave is not None:
             on_wave(w, wave_rows)
     return rows
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -239,26 +240,33 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     return f"{loc or 'spec'}: {msg}" + (f" (and {more} more)" if more else "")
 
 
-def parse_spec(data: Any, *, check_search: bool = True) -> ExperimentSpec:
-    if not isinstance(data, dict):
-        raise SpecError("spec: the top level must be a mapping")
-    try:
-        spec = ExperimentSpec.model_validate(data)
-    except ValidationError as err:
-        raise SpecError(_format(err)) from None
-    check_components(spec)
-    if check_search:
-        check_space(spec)
-        if spec.smoke:  # --smoke-test must not be the first to find a bad override
-            try:
-                parse_spec(apply_overrides(data, spec.smoke), check_search=False)
-            except SpecError as err:
-                raise SpecError(f"smoke: with its overrides applied, {err}") from None
-    return spec
+@dataclass(frozen=True)
+class Components:
+    """Every component's config as its own typed class (each validated by the class its registry entry
+    names), besides the spec's structure."""
+
+    model: BaseModel | None
+    erase: BaseModel | None
+    detector: BaseModel | None
+    datasets: dict[str, BaseModel | None]  # choice name -> typed config of the datasets the trial fine-tunes on
+    finetune: Any  # methods.finetune.FinetuneConfig
+    evaluate: Any  # methods.evaluate.EvalConfig
+    proxy: Any  # methods.evaluate.ProxyConfig, or None without evaluate.proxy
+    deepspeed: dict[str, Any] | None  # the DeepSpeed config's content (distributed trials)
 
 
-def load_spec(path: str | os.PathLike[str]) -> tuple[ExperimentSpec, dict[str, Any]]:
-    """Read and validate a spec file; returns the spec and the raw mapping (for applying overrides)."""
+@dataclass(frozen=True, eq=False)
+class Experiment:
+    """A spec parsed and validated once: its typed structure, its components' typed configs, and the mapping it
+    was read from (a trial's searched values are applied to it, orchestrator/resolved.py)."""
+
+    spec: ExperimentSpec
+    data: dict[str, Any]
+    components: Components
+
+
+def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A spec file's mapping, not validated yet (`parse_experiment` does that once)."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec: {path}: no such file")
@@ -269,7 +277,51 @@ def load_spec(path: str | os.PathLike[str]) -> tuple[ExperimentSpec, dict[str, A
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(f"spec: YAML syntax error{where}: {problem}") from None
-    return parse_spec(data), data
+    if not isinstance(data, dict):
+        raise SpecError("spec: the top level must be a mapping")
+    return data
+
+
+def smoke_overrides(data: dict[str, Any]) -> dict[str, Any]:
+    """The overrides `--smoke-test` applies (the spec's `smoke:`, or the default), before the spec is parsed."""
+    smoke = data.get("smoke", ExperimentSpec.model_fields["smoke"].default_factory())  # type: ignore[misc]
+    if not isinstance(smoke, dict):
+        raise SpecError("smoke: Input should be a valid dictionary")
+    return smoke
+
+
+def parse_experiment(data: Any, *, check_smoke: bool = True) -> Experiment:
+    """The one validation of a spec: its structure, every component's config (and the files they name), every
+    value its search spaces can produce, and (`check_smoke`) its smoke-test overrides."""
+    if not isinstance(data, dict):
+        raise SpecError("spec: the top level must be a mapping")
+    spec = validate_structure(data)
+    experiment = Experiment(spec, data, components(spec))
+    check_space(experiment)
+    if check_smoke and spec.smoke:  # --smoke-test must not be the first to find a bad override
+        try:
+            variant = validate_structure(apply_overrides(data, spec.smoke))
+            components(variant, like=experiment)
+        except SpecError as err:
+            raise SpecError(f"smoke: with its overrides applied, {err}") from None
+    return experiment
+
+
+def parse_spec(data: Any) -> ExperimentSpec:
+    """A spec mapping validated (`parse_experiment`), its typed structure only."""
+    return parse_experiment(data).spec
+
+
+def load_spec(path: str | os.PathLike[str]) -> Experiment:
+    """Read and validate a spec file."""
+    return parse_experiment(read_spec(path))
+
+
+def validate_structure(data: dict[str, Any]) -> ExperimentSpec:
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format(err)) from None
 
 
 def _component(registry: Registry[Any], name: str, options: dict[str, Any], field: str) -> Any:
@@ -287,59 +339,83 @@ def _component(registry: Registry[Any], name: str, options: dict[str, Any], fiel
         raise SpecError(_format(err, prefix=field.rsplit(".", 1)[0] + ".config")) from None
 
 
-def check_components(spec: ExperimentSpec) -> dict[str, Any]:
-    """Validate each component name and its config; returns the typed configs by section."""
-    from methods.evaluate import EvalConfig
+def _typed(cls: type[BaseModel], section: dict[str, Any], field: str) -> Any:
+    try:
+        return cls.model_validate(section)
+    except ValidationError as err:
+        raise SpecError(_format(err, prefix=field)) from None
+
+
+def components(spec: ExperimentSpec, like: Experiment | None = None) -> Components:
+    """Validate each component name and its config into its typed class. `like`: an experiment this spec is a
+    variant of (a trial's values applied, a search-space bound): a section equal to its is taken from it as
+    it is, and files it already checked (a pretrained model's folder, a DeepSpeed config) are not read again."""
+    from methods.evaluate import EvalConfig, ProxyConfig
     from methods.finetune import FinetuneConfig
 
-    configs = {
-        "model": _component(MODELS, spec.model.name, spec.model.config, "model.name"),
-        "erase": _component(METHODS, spec.erase.method, spec.erase.config, "erase.method"),
-        "detector": _component(
-            DETECTORS, spec.evaluate.detector.name, spec.evaluate.detector.config, "evaluate.detector.name"
-        ),
-    }
-    configs["datasets"] = {}  # choice name -> typed config of the datasets this trial fine-tunes on
+    old = like.spec if like is not None else None
+    done = like.components if like is not None else None
+
+    def same(section: str) -> bool:
+        return old is not None and getattr(spec, section) == getattr(old, section)
+
+    ev, old_ev = spec.evaluate, old.evaluate if old is not None else None
+    model = (
+        done.model if done and same("model") else _component(MODELS, spec.model.name, spec.model.config, "model.name")
+    )
+    erase = (
+        done.erase
+        if done and same("erase")
+        else _component(METHODS, spec.erase.method, spec.erase.config, "erase.method")
+    )
+    if done and old_ev is not None and ev.detector == old_ev.detector:
+        detector = done.detector
+    else:
+        detector = _component(DETECTORS, ev.detector.name, ev.detector.config, "evaluate.detector.name")
+    old_rounds = dict(old.finetune.round_datasets()) if old is not None else {}
+    datasets = {}
     for choice, ds in spec.finetune.round_datasets():
+        if done and old_rounds.get(choice) == ds and choice in done.datasets:
+            datasets[choice] = done.datasets[choice]
+            continue
         field = "finetune.dataset.name" if choice == "dataset" else f"finetune.datasets.{choice}.name"
-        configs["datasets"][choice] = _component(DATASETS, ds.name, ds.config, field)
-    for key, cls, section, field in (
-        ("finetune", FinetuneConfig, spec.finetune.config, "finetune.config"),
-        ("evaluate", EvalConfig, spec.evaluate.config, "evaluate.config"),
-    ):
-        try:
-            configs[key] = cls.model_validate(section)
-        except ValidationError as err:
-            raise SpecError(_format(err, prefix=field)) from None
-    if spec.model.name == "pretrained":
+        datasets[choice] = _component(DATASETS, ds.name, ds.config, field)
+    if done and old is not None and spec.finetune.config == old.finetune.config:
+        finetune = done.finetune
+    else:
+        finetune = _typed(FinetuneConfig, spec.finetune.config, "finetune.config")
+    evaluate = done.evaluate if done and old_ev is not None and ev.config == old_ev.config else None
+    evaluate = evaluate or _typed(EvalConfig, ev.config, "evaluate.config")
+    proxy = None
+    if ev.proxy is not None:
+        if done and old_ev is not None and ev.proxy == old_ev.proxy:
+            proxy = done.proxy
+        else:
+            proxy = _typed(ProxyConfig, ev.proxy, "evaluate.proxy")
+    if spec.model.name == "pretrained" and not (done and same("model")):
         from methods.models import pretrained_family
 
         try:
-            pretrained_family(configs["model"])
+            pretrained_family(model)
         except (FileNotFoundError, ValueError) as err:
             raise SpecError(f"model.config.path: {err}") from None
-    if spec.evaluate.proxy is not None:
-        from methods.evaluate import ProxyConfig
-
-        try:
-            configs["proxy"] = ProxyConfig.model_validate(spec.evaluate.proxy)
-        except ValidationError as err:
-            raise SpecError(_format(err, prefix="evaluate.proxy")) from None
+    deepspeed = None
     if spec.distributed is not None:
-        configs["deepspeed"] = deepspeed_config(spec.distributed.deepspeed)
-        ft = configs["finetune"]
-        if ft.batch_size % spec.distributed.workers:
+        same_file = done and old is not None and old.distributed is not None
+        same_file = same_file and spec.distributed.deepspeed == old.distributed.deepspeed
+        deepspeed = done.deepspeed if same_file else deepspeed_config(spec.distributed.deepspeed)
+        if finetune.batch_size % spec.distributed.workers:
             raise SpecError(
-                f"finetune.config.batch_size: {ft.batch_size} is not a multiple of distributed.workers "
+                f"finetune.config.batch_size: {finetune.batch_size} is not a multiple of distributed.workers "
                 f"({spec.distributed.workers}): each worker trains an equal share of the batch"
             )
-        if ft.trainable == "text_encoder":
+        if finetune.trainable == "text_encoder":
             raise SpecError(
                 "finetune.config.trainable: distributed (DeepSpeed) trials fine-tune the UNet, not text_encoder"
             )
     if spec.model.device not in ("auto", "cpu") and not spec.model.device.startswith("cuda"):
         raise SpecError(f"model.device: expected auto, cpu or cuda[:N] (got {spec.model.device!r})")
-    return configs
+    return Components(model, erase, detector, datasets, finetune, evaluate, proxy, deepspeed)
 
 
 def deepspeed_config(value: str | dict[str, Any]) -> dict[str, Any]:
@@ -393,9 +469,9 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
-def check_space(spec: ExperimentSpec) -> None:
+def check_space(experiment: Experiment) -> None:
     """Every search path must name a spec field, and every value it can take must validate there."""
-    base = spec.model_dump(mode="python")
+    spec = experiment.spec
     for path, dim in spec.search.space.items():
         if path.split(".")[0] in (
             "search",
@@ -420,63 +496,22 @@ def check_space(spec: ExperimentSpec) -> None:
                 f"search.space.{path}: with distributed.workers, search the batch size with choice or grid "
                 f"(each a multiple of {spec.distributed.workers}), not a range"
             )
-        _check_values(base, f"search.space.{path}", path, dim)
+        _check_values(experiment, f"search.space.{path}", path, dim)
     if spec.defender is not None:
         for path, dim in spec.defender.space.items():
             if path in spec.search.space:
                 raise SpecError(f"defender.space.{path}: searched by the attacker (search.space) too")
             if not path.startswith("erase."):
                 raise SpecError(f"defender.space.{path}: the defender chooses erasure settings (erase.*) only")
-            _check_values(base, f"defender.space.{path}", path, dim)
+            _check_values(experiment, f"defender.space.{path}", path, dim)
 
 
-def _check_values(base: dict[str, Any], field: str, path: str, dim: Dimension) -> None:
+def _check_values(experiment: Experiment, field: str, path: str, dim: Dimension) -> None:
     for value in dim.extremes():
+        variant = set_path(experiment.data, path, value)
+        if variant == experiment.data:
+            continue  # the spec's own value: validated already
         try:
-            candidate = ExperimentSpec.model_validate(set_path(base, path, value))
-            check_components(candidate)
-        except ValidationError as err:
-            raise SpecError(f"{field}: value {value!r} is invalid: {_format(err)}") from None
+            components(validate_structure(variant), like=experiment)
         except SpecError as err:
             raise SpecError(f"{field}: value {value!r} is invalid: {err}") from None
-
-
-def trial_spec(spec_data: dict[str, Any], overrides: dict[str, Any]) -> ExperimentSpec:
-    """The resolved spec of one trial: the experiment with the trial's sampled values applied. Only its
-    structure is checked here: the whole experiment was validated before the sweep, and every caller
-    validates the components next (`check_components`, `resolved_config`)."""
-    values = {k: v for k, v in overrides.items() if not k.startswith("_")}  # "_..." keys: the sweep's bookkeeping
-    try:
-        return ExperimentSpec.model_validate(apply_overrides(spec_data, values))
-    except ValidationError as err:
-        raise SpecError(_format(err)) from None
-
-
-def resolved_config(spec: ExperimentSpec) -> dict[str, Any]:
-    """The spec of one trial with every component config filled in with its defaults (what MLflow logs
-    as params and what reproduces the trial)."""
-    configs = check_components(spec)
-    out = spec.model_dump(mode="json", exclude={"search", "smoke", "defender"})
-    out["model"]["config"] = configs["model"].model_dump(mode="json") if configs["model"] else {}
-    out["erase"]["config"] = configs["erase"].model_dump(mode="json") if configs["erase"] else {}
-    for choice, typed in configs["datasets"].items():
-        node = out["finetune"]["dataset"] if choice == "dataset" else out["finetune"]["datasets"][choice]
-        node["config"] = typed.model_dump(mode="json") if typed else {}
-    out["finetune"]["config"] = configs["finetune"].model_dump(mode="json")
-    out["evaluate"]["detector"]["config"] = configs["detector"].model_dump(mode="json") if configs["detector"] else {}
-    out["evaluate"]["config"] = configs["evaluate"].model_dump(mode="json")
-    if "proxy" in configs:
-        out["evaluate"]["proxy"] = configs["proxy"].model_dump(mode="json")
-    if "deepspeed" in configs:
-        out["distributed"]["deepspeed"] = configs["deepspeed"]  # the file's content, not only its name
-    return out
-
-
-def max_finetune_steps(spec: ExperimentSpec) -> int:
-    """The longest fine-tune a trial can run (steps x rounds): ASHA's max_t."""
-    from methods.finetune import FinetuneConfig
-
-    dim = spec.search.space.get("finetune.config.steps")
-    steps = int(max(dim.extremes())) if dim is not None else FinetuneConfig.model_validate(spec.finetune.config).steps
-    rounds = spec.search.space.get("finetune.rounds")
-    return steps * (int(max(rounds.extremes())) if rounds is not None else spec.finetune.rounds)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -20,14 +19,13 @@ from orchestrator.defender import run_defense
 from orchestrator.redaction import redact, redacted_spec
 from orchestrator.resume import DriverLock, SweepState, reopen_parent, spec_hash
 from orchestrator.search import Row
-from orchestrator.spec import ExperimentSpec
+from orchestrator.spec import Experiment
 from orchestrator.writer import Tracker, flatten
 
 
 def open_parent(
     uri: str,
-    spec: ExperimentSpec,
-    data: dict[str, Any],
+    experiment: Experiment,
     run_name: str,
     tags: dict[str, str],
     stage: str,
@@ -36,6 +34,7 @@ def open_parent(
 ) -> tuple[Tracker, str]:
     """The MLflow experiment and the sweep's parent run (creating a fresh SQLite store takes seconds);
     `look_first`: a parent run of this sweep that a dead driver made is taken up again."""
+    spec, data = experiment.spec, experiment.data
     tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
     sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": spec.concept.name}
     sweep_tags["model"] = spec.model.name
@@ -69,8 +68,7 @@ class Outcome:
 
 
 def run_sweep(
-    spec: ExperimentSpec,
-    data: dict[str, Any],
+    experiment: Experiment,
     uri: str,
     spec_file: str,
     *,
@@ -88,6 +86,7 @@ def run_sweep(
     from orchestrator.cache import start_lease_actor
     from orchestrator.provenance import git_sha, version_tags
 
+    spec, data = experiment.spec, experiment.data
     run_name = resume.run_name if resume else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = sweep_dir(spec, run_name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,13 +113,13 @@ def run_sweep(
     if resume is not None and resume.parent:
         opening = pool.submit(reopen_parent, uri, spec.name, resume.parent, folder)
     else:  # a driver that died before it wrote down its parent run may have made it: open_parent finds it
-        opening = pool.submit(open_parent, uri, spec, data, run_name, tags, stage, spec_file, resume is not None)
+        opening = pool.submit(open_parent, uri, experiment, run_name, tags, stage, spec_file, resume is not None)
     pool.shutdown(wait=False)
     status, ended = "FAILED", False
     try:
         state.parent = opening.result()[1]
         state.save(folder)
-        search = SearchRun(spec, data, opening, run_name, tags, lease, on_wave, resume is not None)
+        search = SearchRun(experiment, opening, run_name, tags, lease, on_wave, resume is not None)
         rows = run_defense(search) if spec.defender is not None else run_attack(search)
         tracker, parent = opening.result()
         ok = any(not r["error"] for r in rows)

@@ -1,6 +1,6 @@
-"""The Ray Tune entry point of a trial: its config (the trial's sampled values by dotted spec path) becomes the
-trial's spec, and the trial runs here (orchestrator/trial.py) or, for a distributed fine-tune, as a Ray Train
-job (orchestrator/distributed.py)."""
+"""The Ray Tune entry point of a trial: its config carries the trial's resolved settings (built by the searcher
+on the driver, orchestrator/resolved.py), and the trial runs here (orchestrator/trial.py) or, for a distributed
+fine-tune, as a Ray Train job (orchestrator/distributed.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.distributed import distributed_trial
-from orchestrator.spec import trial_spec
+from orchestrator.resolved import RESOLVED_KEY, ResolvedTrial
 from orchestrator.trial import execute_trial, resume_checkpoint, worker_cache
 
 
-def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_actor: str | None = None) -> None:
-    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path. A
-    distributed trial runs its fine-tune as a Ray Train job (`distributed_trial`)."""
+def tune_trainable(config: dict[str, Any], lease_actor: str | None = None) -> None:
+    """Ray Tune function trainable: `config` holds this trial's sampled values by dotted spec path, its slot
+    and its `ResolvedTrial`. A distributed trial runs its fine-tune as a Ray Train job (`distributed_trial`)."""
     from ray import tune
 
-    spec = trial_spec(spec_data, config)
-    if spec.distributed is not None:
-        distributed_trial(spec, config, spec_data, lease_actor)
+    trial: ResolvedTrial = config[RESOLVED_KEY]
+    if trial.spec.distributed is not None:
+        distributed_trial(trial, config, lease_actor)
         return
 
     def report(metrics: dict[str, Any], folder: Path | None = None) -> None:
@@ -29,7 +29,7 @@ def tune_trainable(config: dict[str, Any], spec_data: dict[str, Any], lease_acto
     trial_dir = Path(tune.get_context().get_trial_dir())
     checkpoint = tune.get_checkpoint() or resume_checkpoint(config)
     if checkpoint is None:
-        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor))
+        execute_trial(trial, report, trial_dir, worker_cache(trial, lease_actor))
         return
     with checkpoint.as_directory() as folder:
-        execute_trial(spec, report, trial_dir, worker_cache(spec, lease_actor), resume=Path(folder))
+        execute_trial(trial, report, trial_dir, worker_cache(trial, lease_actor), resume=Path(folder))

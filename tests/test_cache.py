@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestrator.cache import EraseCache, FileLeases, LeaseTable, content_key, open_cache
-from orchestrator.spec import trial_spec
+from orchestrator.resolved import resolve
 from orchestrator.trial import _WARM, execute_trial
 from tests.conftest import REPO
 
@@ -159,10 +159,11 @@ def test_trial_erasure_goes_through_the_cache(tmp_path, monkeypatch):
     import orchestrator.trial as trial_module
 
     data = {**SMOKE, "cache_dir": str(tmp_path / "cache"), "storage_path": str(tmp_path / "store")}
-    spec = trial_spec(data, FAST)
-    cache = open_cache(spec.storage_path, Path(spec.cache_dir) / "erased")
+    trial = resolve(data, FAST)
+    _WARM.clear()  # a fresh worker: an earlier test in this process may have left this experiment warm
+    cache = open_cache(trial.spec.storage_path, Path(trial.spec.cache_dir) / "erased")
     first: list[dict] = []
-    execute_trial(spec, first.append, tmp_path / "t1", cache)
+    execute_trial(trial, first.append, tmp_path / "t1", cache)
     _WARM.clear()  # another worker: nothing in memory
     evaluated: list[bool] = []  # embed=True marks the base model's evaluation
 
@@ -173,7 +174,7 @@ def test_trial_erasure_goes_through_the_cache(tmp_path, monkeypatch):
     evaluate = trial_module.evaluate
     monkeypatch.setattr(trial_module, "evaluate", counting)
     second: list[dict] = []
-    execute_trial(spec, second.append, tmp_path / "t2", cache)
+    execute_trial(trial, second.append, tmp_path / "t2", cache)
     assert first[0]["erase_cache"] == "miss" and second[0]["erase_cache"] == "hit"
     for key in ("presence_erased", "retention_erased", "erase_distance", "erase_seconds"):
         assert first[0][key] == second[0][key]

@@ -208,13 +208,14 @@ def test_smoke_test_and_flag_overrides(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     spec_path = str(REPO / "search_spaces" / "smoke.yaml")
-    spec, data, uri = prepare(parse_args(["run", spec_path, "--smoke-test"]))
+    experiment, uri = prepare(parse_args(["run", spec_path, "--smoke-test"]))
+    spec, data = experiment.spec, experiment.data
     assert spec.search.num_samples == 2 and spec.finetune.config["steps"] == 10
     assert spec.search.space["finetune.config.steps"].choice == [5, 10]  # a dotted key of search.space
     assert set(spec.search.space) == {"finetune.config.lr", "finetune.config.trainable", "finetune.config.steps"}
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert data["storage_path"] == str(tmp_path / "ray_results")  # absolute, for trials in other processes
-    spec, _, _ = prepare(parse_args(["run", spec_path, "--num-samples", "7", "--storage-path", "elsewhere"]))
+    spec = prepare(parse_args(["run", spec_path, "--num-samples", "7", "--storage-path", "elsewhere"]))[0].spec
     assert spec.search.num_samples == 7 and spec.storage_path == str(tmp_path / "elsewhere")
 
 

@@ -18,6 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
+from tests.faults import fault_env
 from tests.test_e2e import resurgence_cmd
 
 SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
@@ -62,7 +63,7 @@ def run_cli(tmp_path: Path, env: dict, *args: str, timeout: int = 900) -> subpro
 
 
 def test_a_raising_trial_is_retried_from_its_checkpoint_while_the_other_goes_on(tmp_path, isolated_env):
-    env = {**isolated_env, "RESURGENCE_FAULTS": json.dumps({"raise_at": 10, "only": "_1_", "markers": str(tmp_path)})}
+    env = fault_env(isolated_env, tmp_path, raise_at=10, only="_1_")
     out = run_cli(tmp_path, env, "run", str(fault_spec(tmp_path, "raises")), "--num-cpus", "2")
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
@@ -77,7 +78,7 @@ def test_a_raising_trial_is_retried_from_its_checkpoint_while_the_other_goes_on(
 
 
 def test_a_killed_worker_continues_from_the_last_checkpoint(tmp_path, isolated_env):
-    env = {**isolated_env, "RESURGENCE_FAULTS": json.dumps({"kill_at": 10, "only": "_2_", "markers": str(tmp_path)})}
+    env = fault_env(isolated_env, tmp_path, kill_at=10, only="_2_")
     out = run_cli(tmp_path, env, "run", str(fault_spec(tmp_path, "killed")), "--num-cpus", "2")
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]

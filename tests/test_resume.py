@@ -175,6 +175,7 @@ def test_a_new_driver_takes_up_the_dead_drivers_optuna_trials_and_tells_each_onc
     its ledger row, closes the slotless trial as failed, hands t2 out again with the same values through the
     same Optuna trial, and asks t3 fresh: every slot ends with exactly one finished trial."""
     from orchestrator.ledger import TrialLedger
+    from orchestrator.resolved import RESOLVED_KEY
     from orchestrator.search import Cell, study_storage
     from tests.test_search import SPACE, searcher
 
@@ -194,6 +195,7 @@ def test_a_new_driver_takes_up_the_dead_drivers_optuna_trials_and_tells_each_onc
     assert by_slot["t1"].state.name == "COMPLETE" and by_slot["t1"].value == 0.5  # from the ledger's row
     assert by_slot[None].state.name == "FAIL"  # the slotless one
     again = nxt.suggest("b0")
+    again = {k: v for k, v in again.items() if k != RESOLVED_KEY}
     assert again == {**{k: first[2][k] for k in SPACE}, "_trial": "t2"}  # the same values, the same trial
     assert nxt.suggest("b1")["_trial"] == "t3"
     nxt.on_trial_complete("b0", {"resurgence": 0.75})

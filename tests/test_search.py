@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from orchestrator.ledger import TrialLedger
+from orchestrator.resolved import RESOLVED_KEY, resolve
 from orchestrator.search import Cell, CellSearch, TrialRows, grid_cells, sampled_space, study_storage, wave_orders
-from orchestrator.spec import Dimension, SpecError, parse_spec, trial_spec
+from orchestrator.spec import Dimension, SpecError, parse_experiment, parse_spec
 from orchestrator.trial import execute_trial
 from tests.conftest import REPO
 
@@ -31,13 +32,25 @@ def test_grid_cells_and_waves():
     assert all(flat.count(c) == 4 for c in range(3)) and flat[:3] == [0, 1, 2]  # round-robin
 
 
-SPACE = {"finetune.config.lr": Dimension(loguniform=(1e-5, 1e-3)), "x": Dimension(choice=["p", "q"])}
+SPACE = {
+    "finetune.config.lr": Dimension(loguniform=(1e-5, 1e-3)),
+    "finetune.config.trainable": Dimension(choice=["full", "xattn"]),
+}
+
+SPACE_TRAINABLE = ("full", "xattn")
 
 
 def searcher(tmp_path, cells, slots):
-    """A CellSearch over `cells` filling `slots` [(name, cell)], its ledger in tmp_path (a driver's view)."""
+    """A CellSearch over `cells` filling `slots` [(name, cell)], its ledger in tmp_path (a driver's view), for
+    the smoke experiment with SPACE searched and the erasure method a grid (ESD or UCE, default configs)."""
+    data = _spec(**{"erase/config": {}, "search/scheduler": None})
+    data["search"]["space"] = {
+        "erase.method": {"grid": ["esd", "uce"]},
+        **{path: dim.model_dump(exclude_none=True) for path, dim in SPACE.items()},
+    }
     ledger = TrialLedger(tmp_path)
     return CellSearch(
+        parse_experiment(data),
         cells,
         slots,
         SPACE,
@@ -59,7 +72,15 @@ def test_cell_search_hands_out_cells_and_continues_its_studies_across_waves(tmp_
     configs = [first.suggest(f"t{i}") for i in range(4)]
     assert first.suggest("t4") == Searcher.FINISHED
     assert [c["erase.method"] for c in configs] == ["esd", "uce", "esd", "uce"]
-    assert all(1e-5 <= c["finetune.config.lr"] <= 1e-3 and c["x"] in ("p", "q") for c in configs)
+    assert all(
+        1e-5 <= c["finetune.config.lr"] <= 1e-3 and c["finetune.config.trainable"] in SPACE_TRAINABLE for c in configs
+    )
+    for c in configs:  # each trial's resolved settings, built once here and carried in its config
+        trial = c[RESOLVED_KEY]
+        assert trial.slot == c["_trial"] and trial.spec.erase.method == c["erase.method"]
+        assert trial.components.finetune.lr == c["finetune.config.lr"]
+        assert trial.params["finetune"]["config"]["trainable"] == c["finetune.config.trainable"]
+        assert type(trial.components.erase).__name__ == {"esd": "ESDConfig", "uce": "UCEConfig"}[c["erase.method"]]
     first.on_trial_result("t0", {"ft_step": 5, "resurgence_proxy": 0.3, "training_iteration": 1})  # no metric
     for i in range(4):
         first.on_trial_complete(f"t{i}", {"resurgence": 0.1 * i, "training_iteration": 2})
@@ -130,14 +151,14 @@ def test_proxy_at_every_rung_full_evaluation_at_the_end(tmp_path):
         "search.scheduler.metric": "resurgence_proxy",
     }
     reports: list[dict] = []
-    execute_trial(trial_spec(data, overrides), reports.append, tmp_path / "t")
+    execute_trial(resolve(data, overrides), reports.append, tmp_path / "t")
     assert [r["ft_step"] for r in reports] == [0, 1, 2, 3, 4]
     assert [("resurgence" in r) for r in reports] == [True, False, False, False, True]
     assert reports[0]["resurgence_proxy"] == 0.0
     assert all(math.isfinite(r["resurgence_proxy"]) for r in reports)
     assert len({r["resurgence_proxy"] for r in reports[1:]}) > 1  # it moves while fine-tuning
     again: list[dict] = []
-    execute_trial(trial_spec(data, overrides), again.append, tmp_path / "t2")
+    execute_trial(resolve(data, overrides), again.append, tmp_path / "t2")
     assert [r["resurgence_proxy"] for r in again] == [r["resurgence_proxy"] for r in reports]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from orchestrator.spec import trial_spec
+from orchestrator.resolved import resolve
 from orchestrator.trial import _WARM, execute_trial
 from tests.conftest import REPO
 
@@ -26,7 +26,7 @@ def fresh_worker():
 def _run(tmp_path, **overrides):
     data = {**SMOKE, "cache_dir": str(tmp_path / "cache")}
     reports = []
-    last = execute_trial(trial_spec(data, {**FAST, **overrides}), reports.append, tmp_path / "trial")
+    last = execute_trial(resolve(data, {**FAST, **overrides}), reports.append, tmp_path / "trial")
     return reports, last
 
 
