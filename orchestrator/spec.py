@@ -299,12 +299,16 @@ def parse_experiment(data: Any, *, check_smoke: bool = True) -> Experiment:
     experiment = Experiment(spec, data, components(spec))
     check_space(experiment)
     if check_smoke and spec.smoke:  # --smoke-test must not be the first to find a bad override
-        try:
-            variant = validate_structure(apply_overrides(data, spec.smoke))
-            components(variant, like=experiment)
-        except SpecError as err:
-            raise SpecError(f"smoke: with its overrides applied, {err}") from None
+        _check_smoke(experiment)
     return experiment
+
+
+def _check_smoke(experiment: Experiment) -> None:
+    try:
+        variant = validate_structure(apply_overrides(experiment.data, experiment.spec.smoke))
+        components(variant, like=experiment)
+    except SpecError as err:
+        raise SpecError(f"smoke: with its overrides applied, {err}") from None
 
 
 def parse_spec(data: Any) -> ExperimentSpec:
