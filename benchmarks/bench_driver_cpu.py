@@ -28,6 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_sweep import bench_spec  # noqa: E402
+from worktree import revision  # noqa: E402
 
 # Runs `resurgence run` in-process with run_sweep wrapped: prints the driver's CPU inside it as JSON.
 DRIVER = """
@@ -73,11 +74,7 @@ def main() -> None:
     if args.trials < 2 or args.rounds < 1 or args.steps < 10:
         parser.error("--trials >= 2, --rounds >= 1, --steps >= 10")
     with tempfile.TemporaryDirectory(prefix="bench-driver-") as tmp:
-        other = Path(tmp) / "other"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(other), args.against], check=True
-        )
-        try:
+        with revision(args.against, Path(tmp) / "other") as other:
             spec = Path(tmp) / "spec.yaml"
             spec.write_text(yaml.safe_dump(bench_spec(args.trials, args.wave_size, args.steps)))
             sides = {"this tree": REPO, f"{args.against}": other}
@@ -88,8 +85,6 @@ def main() -> None:
                     cpu[name].append(seconds)
                     per_trial = 1000 * seconds / args.trials
                     print(f"round {r + 1}, {name}: driver {seconds:.1f} CPU-s, {per_trial:.0f} ms/trial", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(other)], check=False)
     print(f"\nDriver CPU inside run_sweep per trial ({args.trials} trials, waves of {args.wave_size}):")
     for name, values in cpu.items():
         per = [1000 * v / args.trials for v in values]

@@ -47,6 +47,7 @@ class SearchRun:
     lease: str | None  # the erase cache's lease actor (None: lock files on one machine)
     on_wave: Callable[[int, list[Row]], None] | None
     resumed: bool  # an earlier driver of this sweep died
+    trial_fn: Callable[..., None] | None = None  # what each trial runs (None: the real trial)
 
     @property
     def spec(self) -> ExperimentSpec:
@@ -80,6 +81,7 @@ class SearchRun:
             ledger=ledger,
             on_wave=self.on_wave,
             slot_prefix=slot_prefix,
+            trial_fn=self.trial_fn,
         )
 
 

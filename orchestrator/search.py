@@ -259,8 +259,11 @@ def build_tuner(
     lease_actor: str | None,
     ledger: TrialLedger,
     rows: TrialRows,
+    trial_fn: Callable[..., None] | None = None,
 ) -> Any:
-    """One wave: a Tuner running the trials of `slots` (name, cell), each slot's trial exactly once."""
+    """One wave: a Tuner running the trials of `slots` (name, cell), each slot's trial exactly once.
+    `trial_fn`: the function each trial runs (default orchestrator/trainable.py's; the cluster simulation
+    passes one that sleeps)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -291,7 +294,7 @@ def build_tuner(
     concurrent = s.max_concurrent_trials
     if spec.distributed is not None:  # as many trials at once as there are worker groups' worth of resources
         concurrent = concurrent or distributed_slots(spec)
-    trainable = make_trainable(spec, lease_actor)
+    trainable = make_trainable(spec, lease_actor, trial_fn)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -316,7 +319,7 @@ def build_tuner(
 DRIVER_CPU = 0.25  # what a distributed trial's own process holds while its Ray Train job runs (Tune needs > 0)
 
 
-def make_trainable(spec: ExperimentSpec, lease_actor: str | None) -> Any:
+def make_trainable(spec: ExperimentSpec, lease_actor: str | None, trial_fn: Callable[..., None] | None = None) -> Any:
     """The Tune trainable of a sweep's trials (the same for a fresh wave and a restored one)."""
     from ray import tune
 
@@ -325,7 +328,8 @@ def make_trainable(spec: ExperimentSpec, lease_actor: str | None) -> Any:
     resources = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.distributed is not None:  # the trial's own process only waits: its Ray Train workers hold resources
         resources = {"cpu": DRIVER_CPU, "gpu": 0}
-    return tune.with_resources(tune.with_parameters(tune_trainable, lease_actor=lease_actor), resources)
+    fn = trial_fn or tune_trainable
+    return tune.with_resources(tune.with_parameters(fn, lease_actor=lease_actor), resources)
 
 
 def _json_logger() -> Any:
@@ -433,6 +437,7 @@ def run_waves(
     ledger: TrialLedger,
     on_wave: Callable[[int, list[Row]], None] | None = None,
     slot_prefix: str = "",
+    trial_fn: Callable[..., None] | None = None,
 ) -> list[Row]:
     """Run every cell's trials as waves of Tuner runs; returns one small row per trial (from the ledger).
     Trial k of the sweep fills slot `{slot_prefix}t{k:05d}`; a slot the ledger holds is done and is not run
@@ -470,6 +475,7 @@ def run_waves(
                 lease_actor=lease_actor,
                 ledger=ledger,
                 rows=collector,
+                trial_fn=trial_fn,
             )
             tuner.fit()
             del tuner  # the wave's trials leave the driver's memory with it

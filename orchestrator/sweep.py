@@ -73,6 +73,7 @@ def run_sweep(
     spec_file: str,
     *,
     on_wave: Callable[[int, list[Row]], None] | None = None,
+    trial_fn: Callable[..., None] | None = None,
     write_html: bool = True,
     resume: SweepState | None = None,
     one_node: bool = False,
@@ -82,7 +83,8 @@ def run_sweep(
     `resume`: continue a sweep whose driver died (its state file, its ledger, its MLflow runs and studies).
     `one_node`: this Ray is one machine's alone (the local Ray `resurgence run` starts): the erase cache's
     leases are lock files on its disk, not an actor (an idle Ray worker costs about 1.3% of a core: it
-    wakes every 10 ms to check for signals)."""
+    wakes every 10 ms to check for signals). `trial_fn`: what each trial runs, in place of the real trial
+    (benchmarks/sim_cluster.py's sleeps for the stage times of real models)."""
     from orchestrator.cache import start_lease_actor
     from orchestrator.provenance import git_sha, version_tags
 
@@ -119,7 +121,7 @@ def run_sweep(
     try:
         state.parent = opening.result()[1]
         state.save(folder)
-        search = SearchRun(experiment, opening, run_name, tags, lease, on_wave, resume is not None)
+        search = SearchRun(experiment, opening, run_name, tags, lease, on_wave, resume is not None, trial_fn)
         rows = run_defense(search) if spec.defender is not None else run_attack(search)
         tracker, parent = opening.result()
         ok = any(not r["error"] for r in rows)
