@@ -2,7 +2,7 @@
 term, same erasure budget and same attack, side by side (issue 4).
 
 Both models are erased with ESD-x on "cross" (200 steps, the main job's settings); the meta model adds the
-meta term of methods/meta.py at every step. Then the same attack hits both: fine-tuning the whole UNet on
+meta term of methods/erasers/meta.py at every step. Then the same attack hits both: fine-tuning the whole UNet on
 real renders of crosses (the relearning attack of the meta-unlearning paper), with the presence of the
 cross measured every `--every` steps on the same seeds.
 
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-from methods import esd, meta, toyworld
-from methods.datasets import DataContext
-from methods.erasing import Concept, EraseRequest
-from methods.evaluate import EvalConfig, evaluate, load_detector
+from methods import toyworld
+from methods.datasets.base import DataContext
+from methods.detectors.base import load_detector
+from methods.erasers import esd, meta
+from methods.erasers.base import Concept, EraseRequest
+from methods.evaluation.presence import EvalConfig, evaluate
 from methods.finetune import FinetuneConfig, finetune
 from methods.models import load_model
 

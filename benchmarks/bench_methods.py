@@ -21,9 +21,10 @@ import torch
 
 from methods import toyworld
 from methods.catalog import METHODS
-from methods.datasets import DataContext
-from methods.erasing import Concept, EraseRequest
-from methods.evaluate import EvalConfig, evaluate, load_detector
+from methods.datasets.base import DataContext
+from methods.detectors.base import load_detector
+from methods.erasers.base import Concept, EraseRequest
+from methods.evaluation.presence import EvalConfig, evaluate
 from methods.models import load_model
 
 # The toy-world settings: the official defaults where they work, the learning rates and steps scaled up

@@ -13,7 +13,7 @@ adapters do not slow the next; generation and the proxy share one):
 - `generate`: images at 50 DDIM steps with classifier-free guidance (the evaluation's sampling), at batch 1, 4
   and the evaluation's 16; `classify`: a CLIP ViT-L/14 vision tower (transformers, from config) on 40 images
   at 224 px, standing for the detector; `eval`: 40 images at the batched rate plus `classify`;
-- `proxy`: the cheap early-stopping signal (methods/evaluate.py `probe_loss`: 20 probe images x 4 fixed draws)
+- `proxy`: the cheap early-stopping signal (methods/evaluation/proxy.py `probe_loss`: 20 probe images x 4 fixed draws)
   against `eval`; the probe itself is drawn once per worker (`make_probe`, timed too);
 - `finetune`: optimizer steps of `Finetuner` (AdamW, fp32 master weights of what trains, bf16 autocast) per
   trainable subset, at batch 4 (SD v1.4, 512 px) or 2 (SDXL, 1024 px), after 3 warm-up steps;
@@ -61,9 +61,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods.catalog import METHODS  # noqa: E402  (registers every eraser)
-from methods.datasets import CaptionedImages, DataContext  # noqa: E402
-from methods.erasing import Concept, EraseRequest  # noqa: E402
-from methods.evaluate import EvalConfig, ProxyConfig, make_probe, probe_loss  # noqa: E402
+from methods.datasets.base import CaptionedImages, DataContext  # noqa: E402
+from methods.erasers.base import Concept, EraseRequest  # noqa: E402
+from methods.evaluation.presence import EvalConfig
+from methods.evaluation.proxy import ProxyConfig, make_probe, probe_loss  # noqa: E402
 from methods.finetune import FinetuneConfig, Finetuner  # noqa: E402
 from methods.models import (  # noqa: E402
     DiffusionModel,

@@ -16,9 +16,11 @@ import time
 
 import torch
 
-from methods import esd, toyworld
-from methods.erasing import EraseRequest
-from methods.evaluate import Concept, EvalConfig, evaluate, load_detector
+from methods import toyworld
+from methods.detectors.base import load_detector
+from methods.erasers import esd
+from methods.erasers.base import Concept, EraseRequest
+from methods.evaluation.presence import EvalConfig, evaluate
 from methods.models import load_model
 
 

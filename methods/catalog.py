@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 # Importing a component's file registers it.
-from methods import esd, fewshot, mace, meta, none, toyworld, uce  # noqa: F401
-from methods.datasets import DATASETS
-from methods.erasing import METHODS
-from methods.evaluate import DETECTORS
+from methods import toyworld  # noqa: F401
+from methods.datasets import generated, imagefolder, parquet  # noqa: F401
+from methods.datasets.base import DATASETS
+from methods.detectors import clip  # noqa: F401
+from methods.detectors.base import DETECTORS
+from methods.erasers import esd, fewshot, mace, meta, none, uce  # noqa: F401
+from methods.erasers.base import METHODS
 from methods.models import MODELS
 from methods.registry import Registry
 

@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from methods.datasets import CaptionedImages
+from methods.datasets.base import CaptionedImages
 from methods.models import DiffusionModel
 
 Trainable = Literal["full", "xattn", "lora", "text_encoder"]

@@ -88,11 +88,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     toy = sub.add_parser("toy", help="build the toy world's committed parts")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     det = toy_sub.add_parser("train-detector", help="train the toy detector and save it as safetensors")
-    det.add_argument("--out", default=None, help="output file (default: the committed methods/assets file)")
+    det.add_argument("--out", default=None, help="output file (default: the committed methods/toyworld/assets file)")
     det.add_argument("--steps", type=_positive_int, default=600, help="optimizer steps (default 600)")
     det.add_argument("--seed", type=int, default=0)
     tm = toy_sub.add_parser("train-model", help="train the toy text-to-image model and save it (diffusers folder)")
-    tm.add_argument("--out", default=None, help="output folder (default: the committed methods/assets/toy_model)")
+    tm.add_argument(
+        "--out", default=None, help="output folder (default: the committed methods/toyworld/assets/toy_model)"
+    )
     tm.add_argument("--steps", type=_positive_int, default=3500, help="optimizer steps (default 3500)")
     tm.add_argument("--seed", type=int, default=0)
     tm.add_argument("--check-every", type=_positive_int, default=500, help="steps between prompt-following checks")

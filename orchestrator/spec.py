@@ -82,8 +82,8 @@ class FinetuneSpec(_Strict):
 
 class EvaluateSpec(_Strict):
     detector: ComponentSpec = ComponentSpec(name="clip")  # decides which concept an image shows
-    config: dict[str, Any] = Field(default_factory=dict)  # methods.evaluate.EvalConfig
-    # The cheap signal (methods.evaluate.ProxyConfig): with it, every report carries `resurgence_proxy`,
+    config: dict[str, Any] = Field(default_factory=dict)  # methods.evaluation.presence.EvalConfig
+    # The cheap signal (methods.evaluation.proxy.ProxyConfig): with it, every report carries `resurgence_proxy`,
     # the denoising loss on the concept's images relative to the base and erased models (fixed noise).
     proxy: dict[str, Any] | None = None
     # When the full evaluation (generate + classify: the dominant cost on real models) runs:
@@ -250,8 +250,8 @@ class Components:
     detector: BaseModel | None
     datasets: dict[str, BaseModel | None]  # choice name -> typed config of the datasets the trial fine-tunes on
     finetune: Any  # methods.finetune.FinetuneConfig
-    evaluate: Any  # methods.evaluate.EvalConfig
-    proxy: Any  # methods.evaluate.ProxyConfig, or None without evaluate.proxy
+    evaluate: Any  # methods.evaluation.presence.EvalConfig
+    proxy: Any  # methods.evaluation.proxy.ProxyConfig, or None without evaluate.proxy
     deepspeed: dict[str, Any] | None  # the DeepSpeed config's content (distributed trials)
 
 
@@ -354,7 +354,8 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
     """Validate each component name and its config into its typed class. `like`: an experiment this spec is a
     variant of (a trial's values applied, a search-space bound): a section equal to its is taken from it as
     it is, and files it already checked (a pretrained model's folder, a DeepSpeed config) are not read again."""
-    from methods.evaluate import EvalConfig, ProxyConfig
+    from methods.evaluation.presence import EvalConfig
+    from methods.evaluation.proxy import ProxyConfig
     from methods.finetune import FinetuneConfig
 
     old = like.spec if like is not None else None

@@ -35,25 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from methods.catalog import DATASETS, METHODS
-from methods.datasets import DataContext
-from methods.erasing import EraseRequest
-from methods.evaluate import (
-    Concept,
-    Detector,
-    Evaluation,
-    Probe,
-    data_closeness,
-    evaluate,
-    load_detector,
-    load_evaluation,
-    load_probe,
-    make_probe,
-    probe_loss,
-    proxy_resurgence,
-    save_evaluation,
-    save_grid,
-    save_probe,
-)
+from methods.datasets.base import DataContext
+from methods.detectors.base import Detector, load_detector
+from methods.erasers.base import Concept, EraseRequest
+from methods.evaluation.pictures import save_grid
+from methods.evaluation.presence import Evaluation, data_closeness, evaluate, load_evaluation, save_evaluation
+from methods.evaluation.proxy import Probe, load_probe, make_probe, probe_loss, proxy_resurgence, save_probe
 from methods.finetune import Distributed, Diverged, Finetuner
 from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
 from orchestrator.cache import EraseCache, content_key, open_cache
@@ -143,7 +130,7 @@ def warm_state(trial: ResolvedTrial, cache: EraseCache | None = None) -> Warm:
                 lambda folder: _assess_base(trial, model, detector, folder),
             )
             base = load_evaluation(got.folder)
-            probe, loss = load_probe(got.folder) if c.proxy is not None else (None, float("nan"))
+            probe, loss = load_probe(got.folder, c.proxy) if c.proxy is not None else (None, float("nan"))
         _WARM[key] = Warm(model, detector, base, probe, loss)
     return _WARM[key]
 

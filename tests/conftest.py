@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.erasing import Concept, EraseRequest
+from methods.erasers.base import Concept, EraseRequest
 from methods.models import DiffusionModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]

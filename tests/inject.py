@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import importlib, importlib.abc, importlib.util, sys
 
 AFTER = {after}  # module -> "package.module:function", called with the module once it is imported
@@ -40,7 +40,7 @@ class _After(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _After())
-'''
+"""
 
 
 def inject(env: dict[str, str], folder: Path, after: dict[str, str], **settings: str) -> dict[str, str]:

@@ -8,7 +8,10 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from methods.datasets import DATASETS, DataContext, GeneratedConfig, ImageFolderConfig, ParquetConfig
+from methods.datasets.base import DATASETS, DataContext
+from methods.datasets.generated import GeneratedConfig
+from methods.datasets.imagefolder import ImageFolderConfig
+from methods.datasets.parquet import ParquetConfig
 
 
 def _png(color) -> Image.Image:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from methods import esd
+from methods.erasers import esd
 from tests.conftest import changed, request, state
 
 FAST = dict(iterations=3, sample_steps=4, lr=1e-3)

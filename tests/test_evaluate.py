@@ -1,6 +1,9 @@
 import torch
 
-from methods.evaluate import Concept, EvalConfig, closeness, evaluate, load_detector, mean_embedding, save_grid
+from methods.detectors.base import load_detector
+from methods.erasers.base import Concept
+from methods.evaluation.pictures import save_grid
+from methods.evaluation.presence import EvalConfig, closeness, evaluate, mean_embedding
 
 CONCEPTS = [Concept("circle", ["a circle", "a ring"]), Concept("square", ["a square"])]
 
@@ -43,7 +46,7 @@ def test_clip_config_validation():
     import pytest
     from pydantic import ValidationError
 
-    from methods.evaluate import ClipConfig
+    from methods.detectors.clip import ClipConfig
 
     with pytest.raises(ValidationError, match="unknown open_clip model"):
         ClipConfig(model="ViT-Z-99")

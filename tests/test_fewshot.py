@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from methods import fewshot
-from methods.datasets import DataContext
-from methods.erasing import Concept, EraseRequest
+from methods.datasets.base import DataContext
+from methods.erasers import fewshot
+from methods.erasers.base import Concept, EraseRequest
 from tests.conftest import changed, state
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from methods.datasets import CaptionedImages
+from methods.datasets.base import CaptionedImages
 from methods.finetune import FinetuneConfig, finetune
 from tests.conftest import changed, state
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from methods import mace, xattn
-from methods.datasets import DataContext
-from methods.erasing import Concept, EraseRequest
+from methods.datasets.base import DataContext
+from methods.erasers import mace, xattn
+from methods.erasers.base import Concept, EraseRequest
 from tests.conftest import changed, state
 
 

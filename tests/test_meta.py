@@ -3,9 +3,9 @@ import torch
 from pydantic import ValidationError
 
 import methods.catalog  # noqa: F401  (registers the methods meta wraps)
-from methods import meta
-from methods.datasets import DataContext
-from methods.erasing import Concept, EraseRequest
+from methods.datasets.base import DataContext
+from methods.erasers import meta
+from methods.erasers.base import Concept, EraseRequest
 from tests.conftest import changed, state
 
 TINY = dict(image_steps=2, batch_size=2, inner_steps=1, inner_lr=1e-2, lr=1e-3)
@@ -64,7 +64,7 @@ def test_meta_differs_from_the_plain_method(_tiny_sd, tmp_path):
     """Same ESD steps and seed, with and without the meta term: the weights differ."""
     import copy
 
-    from methods import esd
+    from methods.erasers import esd
 
     a, b = copy.deepcopy(_tiny_sd), copy.deepcopy(_tiny_sd)
     esd_cfg = {"variant": "esd-x", "iterations": 2, "sample_steps": 3, "lr": 1e-3}

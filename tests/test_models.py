@@ -82,8 +82,8 @@ def test_registry_lists_known_names():
 def test_half_precision_trains_fp32_master_weights():
     """A model loaded in bf16 trains its chosen weights in fp32 under autocast (no pure-half Adam) and
     still generates; untouched weights stay in bf16."""
-    from methods import esd
-    from methods.datasets import CaptionedImages
+    from methods.datasets.base import CaptionedImages
+    from methods.erasers import esd
     from methods.finetune import FinetuneConfig, finetune
 
     model = load_model("tiny-sdxl", {"seed": 0}, device="cpu", dtype="bfloat16")

@@ -4,8 +4,8 @@ import torch
 from pydantic import ValidationError
 
 from methods import toyworld as tw
-from methods.datasets import DATASETS, DataContext
-from methods.evaluate import load_detector
+from methods.datasets.base import DATASETS, DataContext
+from methods.detectors.base import load_detector
 from methods.models import DiffusionModel, load_model
 from tests.conftest import request
 
@@ -108,7 +108,7 @@ def test_pixel_space_model(toy_small, tmp_path):
 def test_erasure_and_finetuning_run_in_pixel_space(toy_small, tmp_path):
     import copy
 
-    from methods import esd
+    from methods.erasers import esd
     from methods.finetune import FinetuneConfig, finetune
     from tests.conftest import changed, state
 
@@ -129,7 +129,8 @@ def toy_model():
 def test_committed_toy_model_draws_every_shape(toy_model):
     """Base presence of each shape on its own prompts, 24 images per shape (issue target >= 0.8;
     measured 0.875 for triangle, 1.0 for the others)."""
-    from methods.evaluate import Concept, EvalConfig, evaluate
+    from methods.erasers.base import Concept
+    from methods.evaluation.presence import EvalConfig, evaluate
 
     det = load_detector("toy", {}, toy_model.device)
     concepts = [Concept(s, tw.concept_prompts(s)) for s in tw.SHAPES]
@@ -143,8 +144,9 @@ def test_esd_erases_a_shape_from_the_committed_model(toy_model):
     stay (full script, 24 images per shape: cross 1.0 -> 0.083, others fall 0 to 0.21)."""
     import copy
 
-    from methods import esd
-    from methods.evaluate import Concept, EvalConfig, evaluate
+    from methods.erasers import esd
+    from methods.erasers.base import Concept
+    from methods.evaluation.presence import EvalConfig, evaluate
 
     det = load_detector("toy", {}, toy_model.device)
     concepts = [Concept(s, tw.concept_prompts(s)) for s in tw.SHAPES]

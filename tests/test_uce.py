@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from methods import uce, xattn
-from methods.erasing import Concept, EraseRequest
+from methods.erasers import uce, xattn
+from methods.erasers.base import Concept, EraseRequest
 from tests.conftest import changed, state
 
 

@@ -21,8 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from methods.datasets import DATASETS, CaptionedImages, DataContext
-from methods.evaluate import DETECTORS
+from methods.datasets.base import DATASETS, CaptionedImages, DataContext
+from methods.detectors.base import DETECTORS
 from methods.models import MODELS, PretrainedConfig, pretrained
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "bar")

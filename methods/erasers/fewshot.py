@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from methods.erasing import METHODS, EraseRequest, EraseResult, Method, concept_pixels, run_objective
+from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method, concept_pixels, run_objective
 from methods.models import DiffusionModel
 
 # Textual Inversion's templates, as the official code uses them (27 object, 19 style).
@@ -132,15 +132,7 @@ class FewShotObjective:
             c = model.unet.config
             shape = (cfg.batch_size, c.in_channels, c.sample_size, c.sample_size)
             return torch.rand(shape, generator=self.generator).to(model.device)
-        pixels, _ = concept_pixels(
-            request,
-            concept,
-            images=cfg.images,
-            folder=cfg.image_folder,
-            resolution=model.resolution,
-            steps=cfg.image_steps,
-            guidance_scale=cfg.image_guidance,
-        )
+        pixels, _ = concept_pixels(request, concept, cfg, model.resolution)
         if cfg.flip:
             flip = torch.rand(len(pixels), generator=self.generator) < 0.5
             pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)

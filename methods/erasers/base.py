@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import torch
 from PIL import Image
 
-from methods.datasets import CaptionedImages, DataContext, GeneratedConfig, generated, to_pixels
+from methods.datasets.base import CaptionedImages, DataContext, to_pixels
+from methods.datasets.generated import GeneratedConfig, generated
 from methods.models import DiffusionModel
 from methods.registry import Registry
 
@@ -111,18 +112,21 @@ def concept_images(
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
+class ImageSource(Protocol):
+    """The fields of a method's config that say where its images of a concept come from."""
+
+    images: int  # how many
+    image_folder: str | None  # <folder>/<concept name>/ holds them; None: the base model draws them
+    image_steps: int  # DDIM steps per drawn image
+    image_guidance: float  # and its guidance scale
+
+
 def concept_pixels(
-    request: EraseRequest,
-    concept: Concept,
-    *,
-    images: int,
-    folder: str | None,
-    resolution: int,
-    steps: int,
-    guidance_scale: float,
+    request: EraseRequest, concept: Concept, source: ImageSource, resolution: int
 ) -> tuple[torch.Tensor, list[str]]:
-    """Up to `images` images of `concept` as (N, 3, R, R) in [-1, 1], and a name per image (file stems):
-    from `<folder>/<concept name>/` when a folder is given, else drawn by the base model (cached)."""
+    """Up to `source.images` images of `concept` as (N, 3, R, R) in [-1, 1], and a name per image (file stems):
+    from `<image_folder>/<concept name>/` when a folder is given, else drawn by the base model (cached)."""
+    images, folder = source.images, source.image_folder
     if folder is not None:
         where = Path(folder).expanduser() / concept.name
         files = sorted(f for f in where.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if where.is_dir() else []
@@ -135,7 +139,7 @@ def concept_pixels(
         concept.prompts,
         images_per_prompt=max(1, math.ceil(images / len(concept.prompts))),
         seed=request.seed,
-        steps=steps,
-        guidance_scale=guidance_scale,
+        steps=source.image_steps,
+        guidance_scale=source.image_guidance,
     )
     return data.pixels[:images], [f"{concept.name}_{i}" for i in range(min(images, len(data)))]

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from methods.erasing import METHODS, EraseRequest, EraseResult, Method, run_objective
+from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method, run_objective
 from methods.models import DiffusionModel
 
 # Which UNet Linear / Conv2d modules each variant trains (official esd_sd.py: get_esd_trainable_parameters).

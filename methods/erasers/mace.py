@@ -38,8 +38,8 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from methods import xattn
-from methods.erasing import METHODS, Concept, EraseRequest, EraseResult, Method, concept_pixels
+from methods.erasers import xattn
+from methods.erasers.base import METHODS, Concept, EraseRequest, EraseResult, Method, concept_pixels
 from methods.models import DiffusionModel
 
 
@@ -205,15 +205,7 @@ def train_lora(
     losses: list[float],
 ) -> dict[str, torch.Tensor]:
     """Stage 2 for one concept: its LoRA's weight deltas B A per projection."""
-    pixels, stems = concept_pixels(
-        request,
-        concept,
-        images=cfg.images,
-        folder=cfg.image_folder,
-        resolution=model.resolution,
-        steps=cfg.image_steps,
-        guidance_scale=cfg.image_guidance,
-    )
+    pixels, stems = concept_pixels(request, concept, cfg, model.resolution)
     masks = _masks(cfg, concept.name, stems, model.resolution)
     generator = torch.Generator("cpu").manual_seed(request.seed + index)
     latents = model.latents_of(pixels, generator)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from methods.erasing import METHODS, EraseRequest, EraseResult, Method
+from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method
 from methods.models import DiffusionModel
 
 

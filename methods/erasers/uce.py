@@ -26,8 +26,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from methods import xattn
-from methods.erasing import METHODS, EraseRequest, EraseResult, Method
+from methods.erasers import xattn
+from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method
 from methods.models import DiffusionModel
 
 

@@ -33,8 +33,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from methods.datasets import CaptionedImages, ImageFolderConfig, image_folder
-from methods.erasing import METHODS, EraseRequest, EraseResult, Method, concept_images
+from methods.datasets.base import CaptionedImages
+from methods.datasets.imagefolder import ImageFolderConfig, image_folder
+from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method, concept_images
 from methods.models import DiffusionModel
 
 
