@@ -319,18 +319,12 @@ def main() -> None:
 
     from mlflow import MlflowClient
 
+    from orchestrator.store import search_all
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec.name).experiment_id
     t0 = time.perf_counter()
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [exp], f"tags.sweep = '{outcome.run_name}' and tags.stage = 'trial'", max_results=1000, page_token=token
-        )
-        runs += page
-        token = page.token
-        if not token:
-            break
+    runs = search_all(client, exp, f"tags.sweep = '{outcome.run_name}' and tags.stage = 'trial'")
     by_tag = time.perf_counter() - t0
     t0 = time.perf_counter()
     strong = client.search_runs([exp], "tags.stage = 'trial' and metrics.resurgence > 0.5", max_results=1000)

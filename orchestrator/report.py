@@ -38,9 +38,9 @@ from orchestrator.candidates import Candidate, best_candidate, pareto_front
 from orchestrator.errors import SpecError
 from orchestrator.formatting import finite, fmt
 from orchestrator.metric_names import CURVE_METRICS
+from orchestrator.store import search_all
 
 PARENT_STAGES = ("sweep", "defense")  # tag `stage` of a sweep's parent run: attacker sweep, defender search
-PAGE_SIZE = 1000  # runs per search_runs page
 HISTORY_THREADS = 8  # get_metric_history is one round trip per (run, metric); overlap them
 BEST_SHOWN = 10  # rows of the best-trials table
 BEST_HIGHLIGHTED = 3  # trials drawn in colour on curves.png
@@ -63,12 +63,12 @@ def write_report(
     name = parent.data.tags["sweep"]
     is_defense = parent.data.tags.get("stage") == "defense"
 
-    runs = _search(client, exp_id, f"tags.sweep = {_quote(name)} and tags.stage = 'trial'")
+    runs = search_all(client, exp_id, f"tags.sweep = {_quote(name)} and tags.stage = 'trial'")
     if not runs:
         raise SpecError(f"--sweep: sweep {name!r} of experiment {experiment!r} has no trial runs yet")
     runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
     candidates = (
-        _candidates(_search(client, exp_id, f"tags.sweep = {_quote(name)} and tags.stage = 'defender-candidate'"))
+        _candidates(search_all(client, exp_id, f"tags.sweep = {_quote(name)} and tags.stage = 'defender-candidate'"))
         if is_defense
         else []
     )
@@ -131,21 +131,8 @@ def _quote(value: str) -> str:
     raise SpecError(f"--sweep: a sweep name cannot hold both quote characters ({value!r})")
 
 
-def _search(client: Any, exp_id: str, filter_string: str, order_by: list[str] | None = None) -> list[Any]:
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            [exp_id], filter_string=filter_string, max_results=PAGE_SIZE, order_by=order_by, page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def _find_parent(client: Any, exp_id: str, experiment: str, sweep: str | None) -> Any:
-    parents = [run for stage in PARENT_STAGES for run in _search(client, exp_id, f"tags.stage = '{stage}'")]
+    parents = [run for stage in PARENT_STAGES for run in search_all(client, exp_id, f"tags.stage = '{stage}'")]
     parents = [run for run in parents if run.data.tags.get("sweep")]
     parents.sort(key=lambda r: r.info.start_time or 0, reverse=True)
     if sweep is not None:

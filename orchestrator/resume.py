@@ -29,6 +29,7 @@ from typing import Any
 from orchestrator.errors import SpecError
 from orchestrator.ledger import LedgerError, TrialLedger
 from orchestrator.metric_names import TIMING_METRICS
+from orchestrator.store import search_all
 from orchestrator.writer import Tracker
 
 # The folder layout this version writes and reads. 1: before the ledger (rows per wave, Tune's experiment
@@ -175,22 +176,14 @@ def left_runs(tracker: Tracker, run_name: str, stage: str, key: str) -> dict[str
     if not tracker.flush(600):
         raise RuntimeError("MLflow stayed unreachable for 600 s; the sweep cannot be continued without it")
     out: dict[str, LeftRun] = {}
-    token = None
-    while True:
-        page = tracker.client.search_runs(
-            [tracker.experiment_id],
-            f"tags.sweep = '{run_name}' and tags.stage = '{stage}'",
-            max_results=1000,
-            page_token=token,
+    for run in search_all(
+        tracker.client, tracker.experiment_id, f"tags.sweep = '{run_name}' and tags.stage = '{stage}'"
+    ):
+        step = run.data.metrics.get("ft_step")
+        out[run.data.tags[key]] = LeftRun(
+            run.info.run_id, run.info.status, int(step) if step is not None else -1, dict(run.data.metrics)
         )
-        for run in page:
-            step = run.data.metrics.get("ft_step")
-            out[run.data.tags[key]] = LeftRun(
-                run.info.run_id, run.info.status, int(step) if step is not None else -1, dict(run.data.metrics)
-            )
-        token = page.token
-        if not token:
-            return out
+    return out
 
 
 def new_metrics(have: dict[str, float], metrics: list[tuple[str, float, int]]) -> list[tuple[str, float, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from orchestrator.errors import SpecError
@@ -73,3 +74,17 @@ def use_wal(uri: str) -> bool:
             return db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() == "wal"
     except sqlite3.Error:  # e.g. another process holds the store just now: it works as it was
         return False
+
+
+def search_all(client: Any, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list[Any]:
+    """Every run of an experiment that `filter_string` matches (MLflow returns them a page at a time)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, order_by=order_by, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
