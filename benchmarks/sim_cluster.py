@@ -354,7 +354,8 @@ def main(args: argparse.Namespace) -> str:
 
         def on_wave(w: int, rows: list) -> None:
             waves.append((len(rows), rss_gib()))
-            print(f"wave {w}: {len(rows)} trials; driver RSS {waves[-1][1]:.2f} GiB", flush=True)
+            free = ray.available_resources().get("GPU", 0)
+            print(f"wave {w}: {len(rows)} trials; driver RSS {waves[-1][1]:.2f} GiB; {free:g} GPUs free", flush=True)
 
         cpu0, start = time.process_time(), time.perf_counter()
         outcome = run_sweep(
