@@ -391,6 +391,13 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
         finetune = _typed(FinetuneConfig, spec.finetune.config, "finetune.config")
     evaluate = done.evaluate if done and old_ev is not None and ev.config == old_ev.config else None
     evaluate = evaluate or _typed(EvalConfig, ev.config, "evaluate.config")
+    classes = 1 + len(spec.others) + len(evaluate.extra_classes)
+    if classes < 2 and not getattr(type(detector), "abstains", False):
+        raise SpecError(
+            f"others: {ev.detector.name} picks one of the class names it is given and cannot say none, and the "
+            f"concept is the only one (no others, no evaluate.config.extra_classes): presence would be 1 for "
+            "every image and resurgence 0 by construction; add others or extra_classes"
+        )
     proxy = None
     if ev.proxy is not None:
         if done and old_ev is not None and ev.proxy == old_ev.proxy:

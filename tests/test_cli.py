@@ -304,3 +304,19 @@ def test_another_ray_version_is_refused_in_one_line_before_anything_runs(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"install ray[tune,default]=={WRITTEN_FOR}.*" in err
     assert not ray.is_initialized() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_spec_whose_presence_cannot_vary_is_refused(tmp_path, capsys):
+    """The clip detector's argmax over the concept's name alone names the concept for every image: presence 1,
+    resurgence 0 by construction. One more class (another concept, or an extra class) makes presence able to
+    fall; the toy detector can say "none" and needs no second class."""
+    lone = _spec(tmp_path, others=[])
+    assert main(["validate", str(lone)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("resurgence: error: others: clip picks one of the class names") and "\n" not in err
+    extra = _spec(tmp_path, others=[], evaluate__config__extra_classes=["a blank picture"])
+    assert main(["validate", str(extra)]) == 0
+    toy = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
+    toy["others"] = []
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
+    assert main(["validate", str(tmp_path / "toy.yaml")]) == 0

@@ -21,6 +21,9 @@ class Detector(Protocol):
         ...
 
 
+# A detector's config says whether the detector can decide that an image shows none of the classes it is
+# asked about (`abstains: ClassVar[bool]`); one that cannot needs at least two classes, or presence is 1 by
+# construction (orchestrator/spec.py refuses such a spec).
 DETECTORS: Registry[Callable[[Any, torch.device], Detector]] = Registry("detector")
 
 

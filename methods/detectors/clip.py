@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ def _register_tiny_clip() -> None:
 
 class ClipConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # The zero-shot argmax always names one of the classes it is asked about: it cannot say "none of them".
+    abstains: ClassVar[bool] = False
 
     model: str = "ViT-B-32"  # an open_clip model name, or tiny-test (random, for tests)
     pretrained: str | None = "openai"  # open_clip tag (needs its weights cached) or a checkpoint path;

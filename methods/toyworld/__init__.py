@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -355,6 +355,7 @@ def load_detector_net(path: Path = DETECTOR_WEIGHTS) -> ToyClassifier:
 
 
 class ToyDetectorConfig(BaseModel):
+    abstains: ClassVar[bool] = True  # an image of no class asked about (or an unsure one) counts for none
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: str = str(DETECTOR_WEIGHTS)  # safetensors file from `resurgence toy train-detector`
