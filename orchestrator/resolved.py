@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from orchestrator.spec import Components, Experiment, ExperimentSpec, apply_overrides, components, validate_structure
+from orchestrator.spec import (
+    Components,
+    Experiment,
+    ExperimentSpec,
+    apply_overrides,
+    components,
+    parse_experiment,
+    validate_structure,
+)
 
 RESOLVED_KEY = "_resolved"  # the trial's ResolvedTrial in its Tune config
 
@@ -101,6 +109,4 @@ def max_finetune_steps(experiment: Experiment) -> int:
 def resolve(data: dict[str, Any], values: dict[str, Any] | None = None) -> ResolvedTrial:
     """A spec mapping parsed and one trial of it resolved (the benchmarks' and tests' way to run a trial
     without a sweep)."""
-    from orchestrator.spec import parse_experiment
-
     return resolve_trial(parse_experiment(data, check_smoke=False), values or {})

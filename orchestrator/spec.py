@@ -389,8 +389,10 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
         finetune = done.finetune
     else:
         finetune = _typed(FinetuneConfig, spec.finetune.config, "finetune.config")
-    evaluate = done.evaluate if done and old_ev is not None and ev.config == old_ev.config else None
-    evaluate = evaluate or _typed(EvalConfig, ev.config, "evaluate.config")
+    if done and old_ev is not None and ev.config == old_ev.config:
+        evaluate = done.evaluate
+    else:
+        evaluate = _typed(EvalConfig, ev.config, "evaluate.config")
     classes = 1 + len(spec.others) + len(evaluate.extra_classes)
     if classes < 2 and not getattr(type(detector), "abstains", False):
         raise SpecError(

@@ -13,20 +13,14 @@ from tests.conftest import REPO
 from tests.inject import inject
 from tests.spy import records
 from tests.test_e2e import resurgence_cmd
+from tests.test_faults import run_cli
 
 
 def test_one_parse_per_command_and_one_resolved_object_per_trial(tmp_path, isolated_env):
     log = tmp_path / "validations.jsonl"
     env = inject(isolated_env, tmp_path / "site", {"orchestrator.spec": "tests.spy:watch"}, TEST_SPY_LOG=str(log))
     spec = REPO / "search_spaces" / "smoke.yaml"
-    out = subprocess.run(
-        [*resurgence_cmd(), "run", str(spec), "--smoke-test", "--num-cpus", "2"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = run_cli(tmp_path, env, "run", str(spec), "--smoke-test", "--num-cpus", "2")
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
