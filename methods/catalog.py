@@ -12,7 +12,7 @@ from typing import Any
 from methods import toyworld  # noqa: F401
 from methods.datasets import generated, imagefolder, parquet  # noqa: F401
 from methods.datasets.base import DATASETS
-from methods.detectors import clip  # noqa: F401
+from methods.detectors import clip, imagenet, nudenet  # noqa: F401
 from methods.detectors.base import DETECTORS
 from methods.erasers import esd, fewshot, mace, meta, none, uce  # noqa: F401
 from methods.erasers.base import METHODS

@@ -564,3 +564,15 @@ def load_changed(model: DiffusionModel, folder: Path) -> list[str]:
     for name, value in saved.items():
         params[name].copy_(value.to(params[name].device, params[name].dtype))
     return sorted(saved)
+
+
+# -- what a trial costs ----------------------------------------------------------------------------------
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting a peak of device memory afresh (a trial's own; nothing on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory torch allocated since `reset_peak_memory` (0 on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0

@@ -14,7 +14,7 @@ from ray.tune import Callback
 
 from orchestrator.formatting import finite
 from orchestrator.ledger import SLOT_KEY
-from orchestrator.metric_names import CURVE_METRICS, ONCE_METRICS, TIMING_METRICS
+from orchestrator.metric_names import ONCE_METRICS, TIMING_METRICS, curve_keys
 from orchestrator.redaction import redact
 from orchestrator.resolved import RESOLVED_KEY, ResolvedTrial
 from orchestrator.writer import Tracker, flatten
@@ -94,7 +94,7 @@ class MlflowTrials(Callback):
         if step <= self.steps.get(trial.trial_id, -1):
             return  # the run holds this step already (a retried or resumed trial repeats its early reports)
         self.steps[trial.trial_id] = step
-        batch = [(k, result[k], step) for k in (*CURVE_METRICS, "ft_step") if k in result]
+        batch = [(k, result[k], step) for k in (*curve_keys(result), "ft_step") if k in result]
         tracker = self.sweep()[0]
         if trial.trial_id not in self.logged_once:
             batch += [(k, result[k], 0) for k in ONCE_METRICS if k in result]

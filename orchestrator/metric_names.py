@@ -7,7 +7,19 @@ so LoRA counts), data_closeness = cosine between the mean detector embedding of 
 the base model's images of the erased concept.
 """
 
-CURVE_METRICS = ("presence", "resurgence", "retention", "ft_loss", "ft_distance", "resurgence_proxy")
+CURVE_METRICS = (
+    "presence",
+    "resurgence",
+    "retention",
+    "ft_loss",
+    "ft_distance",
+    "resurgence_proxy",
+    "clip_score",  # utility (methods/evaluation/utility.py): after erasure (step 0) and at each round's end
+    "fid",
+)
+# Logged like curves too: how many of the erased concept's images each detector class fired on (NudeNet's
+# exposed parts), as `detected.<CLASS>`.
+CURVE_PREFIXES = ("detected.",)
 ONCE_METRICS = (
     "presence_base",
     "presence_erased",
@@ -17,5 +29,23 @@ ONCE_METRICS = (
     "erase_cached",
     "erase_distance",
     "data_closeness",
+    "presence_images",  # n: the images presence is a proportion of (per concept)
+    "clip_score_base",
+    "fid_base",
 )
-TIMING_METRICS = ("trial_seconds", "trial_cpu_seconds")  # logged with the last result
+# Logged with the last result: the trial's own cost, so a campaign's device hours can be summed. Device
+# seconds are the trial's wall seconds on a CUDA device (0 on the CPU); peak device memory is torch's peak
+# allocation during the trial; peak RSS is the worker process's high-water mark (a reused worker's covers
+# its earlier trials too).
+TIMING_METRICS = (
+    "trial_seconds",
+    "trial_cpu_seconds",
+    "trial_device_seconds",
+    "trial_peak_device_mb",
+    "trial_peak_rss_mb",
+)
+
+
+def curve_keys(result: dict) -> list[str]:
+    """The keys of a report logged as histories over ft_step."""
+    return [k for k in result if k in CURVE_METRICS or k.startswith(CURVE_PREFIXES)]

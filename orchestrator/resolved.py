@@ -51,8 +51,35 @@ class ResolvedTrial:
         out["evaluate"]["config"] = _dump(c.evaluate)
         if c.proxy is not None:
             out["evaluate"]["proxy"] = _dump(c.proxy)
+        if c.utility is not None:
+            out["evaluate"]["utility"] = _dump(c.utility)
         if c.deepspeed is not None:
             out["distributed"]["deepspeed"] = c.deepspeed  # the file's content, not only its name
+        out["evaluator"] = self.evaluator
+        return out
+
+    @cached_property
+    def evaluator(self) -> dict[str, Any]:
+        """What measured the trial (orchestrator/report.py compares it across runs): the detector's name,
+        package version, weights hash and decision rule, the images per concept and their sampling, the
+        prompt sets' hashes, and the utility metrics' own records."""
+        s, c = self.spec, self.components
+        out: dict[str, Any] = {"detector": {"name": s.evaluate.detector.name, **c.detector.record()}}
+        ev = c.evaluate
+        out["sampling"] = {
+            "steps": ev.steps,
+            "guidance_scale": ev.guidance_scale,
+            "seed": ev.seed,
+            "images_per_prompt": ev.images_per_prompt,
+        }
+        for concept in (s.concept, *s.others):
+            images = len(concept.prompt_set.prompts()) if concept.prompt_set else len(concept.prompts)
+            entry: dict[str, Any] = {"images": images * ev.images_per_prompt}
+            if concept.prompt_set is not None:
+                entry["prompt_set"] = concept.prompt_set.record()
+            out.setdefault("concepts", {})[concept.name] = entry
+        if c.utility is not None:
+            out["utility"] = c.utility.record()
         return out
 
     @property
@@ -79,6 +106,7 @@ class ResolvedTrial:
             "model": s.model.model_dump(mode="json"),
             "evaluate": self.params["evaluate"],
             "concepts": [c.model_dump(mode="json") for c in (s.concept, *s.others)],
+            "evaluator": self.evaluator,  # the prompt files' and weights' hashes: a changed file is a new base
         }
 
 

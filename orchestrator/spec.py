@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from methods.catalog import DATASETS, DETECTORS, METHODS, MODELS
+from methods.evaluation.prompts import PromptSetConfig
 from methods.registry import Registry, UnknownNameError
 from orchestrator.errors import SpecError
 
@@ -37,7 +38,10 @@ class ModelSpec(_Strict):
 
 class ConceptSpec(_Strict):
     name: str = Field(min_length=1)  # the class name the detector looks for
-    prompts: list[str] = Field(min_length=1)  # prompts that should draw it (evaluation, and erasure)
+    prompts: list[str] = Field(min_length=1)  # prompts that should draw it (erasure, and evaluation)
+    # Evaluation prompts from a file instead (I2P's CSV, with per-prompt seeds and guidance; the file is read
+    # and checked when the spec is: methods.evaluation.prompts.PromptSetConfig). Erasure still uses prompts.
+    prompt_set: PromptSetConfig | None = None
 
 
 class EraseSpec(_Strict):
@@ -89,6 +93,9 @@ class EvaluateSpec(_Strict):
     # When the full evaluation (generate + classify: the dominant cost on real models) runs:
     # "every" eval_every steps, or only at the "end" of each fine-tuning round (rungs then see the proxy).
     full: Literal["every", "end"] = "every"
+    # Utility metrics (methods.evaluation.utility.UtilityConfig): CLIP score and FID, measured on the base
+    # model, after erasure and at the end of each fine-tuning round.
+    utility: dict[str, Any] | None = None
 
 
 class Dimension(_Strict):
@@ -253,6 +260,7 @@ class Components:
     evaluate: Any  # methods.evaluation.presence.EvalConfig
     proxy: Any  # methods.evaluation.proxy.ProxyConfig, or None without evaluate.proxy
     deepspeed: dict[str, Any] | None  # the DeepSpeed config's content (distributed trials)
+    utility: Any = None  # methods.evaluation.utility.UtilityConfig, or None without evaluate.utility
 
 
 @dataclass(frozen=True, eq=False)
@@ -393,12 +401,20 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
         evaluate = done.evaluate
     else:
         evaluate = _typed(EvalConfig, ev.config, "evaluate.config")
-    classes = 1 + len(spec.others) + len(evaluate.extra_classes)
-    if classes < 2 and not getattr(type(detector), "abstains", False):
+    names = [spec.concept.name, *(c.name for c in spec.others)]
+    names += [n for n in evaluate.extra_classes if n not in names]
+    check = getattr(detector, "check_concepts", None)  # a detector that knows only some names says which
+    if check is not None:
+        try:
+            check(names)
+        except ValueError as err:
+            raise SpecError(f"evaluate.detector.config: {err}") from None
+    if len(names) < 2 and not detector.can_say_none():
         raise SpecError(
             f"others: {ev.detector.name} picks one of the class names it is given and cannot say none, and the "
             f"concept is the only one (no others, no evaluate.config.extra_classes): presence would be 1 for "
-            "every image and resurgence 0 by construction; add others or extra_classes"
+            "every image and resurgence 0 by construction; add others, extra_classes, or the detector's "
+            "neutral classes or threshold"
         )
     proxy = None
     if ev.proxy is not None:
@@ -406,6 +422,14 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
             proxy = done.proxy
         else:
             proxy = _typed(ProxyConfig, ev.proxy, "evaluate.proxy")
+    utility = None
+    if ev.utility is not None:
+        from methods.evaluation.utility import UtilityConfig
+
+        if done and old_ev is not None and ev.utility == old_ev.utility:
+            utility = done.utility
+        else:
+            utility = _typed(UtilityConfig, ev.utility, "evaluate.utility")
     if spec.model.name == "pretrained" and not (done and same("model")):
         from methods.models import pretrained_family
 
@@ -429,7 +453,7 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
             )
     if spec.model.device not in ("auto", "cpu") and not spec.model.device.startswith("cuda"):
         raise SpecError(f"model.device: expected auto, cpu or cuda[:N] (got {spec.model.device!r})")
-    return Components(model, erase, detector, datasets, finetune, evaluate, proxy, deepspeed)
+    return Components(model, erase, detector, datasets, finetune, evaluate, proxy, deepspeed, utility)
 
 
 def deepspeed_config(value: str | dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -39,10 +40,27 @@ from methods.datasets.base import DataContext
 from methods.detectors.base import Detector, load_detector
 from methods.erasers.base import Concept, EraseRequest
 from methods.evaluation.pictures import save_grid
-from methods.evaluation.presence import Evaluation, data_closeness, evaluate, load_evaluation, save_evaluation
+from methods.evaluation.presence import (
+    EvalConcept,
+    Evaluation,
+    Prompt,
+    data_closeness,
+    evaluate,
+    load_evaluation,
+    save_evaluation,
+)
 from methods.evaluation.proxy import Probe, load_probe, make_probe, probe_loss, proxy_resurgence, save_probe
+from methods.evaluation.utility import Utility
 from methods.finetune import Distributed, Diverged, Finetuner
-from methods.models import DiffusionModel, load_changed, load_model, save_changed, weight_distance
+from methods.models import (
+    DiffusionModel,
+    load_changed,
+    load_model,
+    peak_memory_mb,
+    reset_peak_memory,
+    save_changed,
+    weight_distance,
+)
 from orchestrator.cache import EraseCache, content_key, open_cache
 from orchestrator.ledger import RESUME_KEY
 from orchestrator.resolved import ResolvedTrial
@@ -64,6 +82,7 @@ class Erased:
     distance: float  # ||theta_erased - theta_base||
     probe_loss: float  # the proxy's denoising loss of the erased model (nan without a proxy)
     cache: str  # where it came from: "miss" (this trial erased), "hit" (the erase cache), "memo" (this worker)
+    utility: dict[str, float] = field(default_factory=dict)  # clip_score, fid of the erased model
 
 
 @dataclass
@@ -73,6 +92,8 @@ class Warm:
     base: Evaluation  # evaluation of the base model
     probe: Probe | None  # the proxy's fixed data, drawn by the base model
     probe_loss: float  # the base model's loss on it
+    utility: Utility | None = None  # the utility metrics' networks and reference statistics
+    base_utility: dict[str, float] = field(default_factory=dict)  # and the base model's values
     erased: dict[str, Erased] = field(default_factory=dict)  # the last erasure this worker used, by its key
 
 
@@ -80,8 +101,17 @@ _WARM: dict[str, Warm] = {}  # per worker process, keyed by what determines it
 
 
 def concepts(trial: ResolvedTrial) -> list[Concept]:
-    """The erased concept first, then the others."""
+    """The erased concept first, then the others: what erasure reads."""
     return [Concept(c.name, list(c.prompts)) for c in (trial.spec.concept, *trial.spec.others)]
+
+
+def eval_concepts(trial: ResolvedTrial) -> list[EvalConcept]:
+    """The same concepts as evaluation draws them: their prompt sets' rows (own seeds and guidance) where the
+    spec gives one, else their prompts."""
+    return [
+        EvalConcept(c.name, c.prompt_set.prompts() if c.prompt_set else [Prompt(p) for p in c.prompts])
+        for c in (trial.spec.concept, *trial.spec.others)
+    ]
 
 
 def data_context(trial: ResolvedTrial, base: DiffusionModel, **extra: Any) -> DataContext:
@@ -95,21 +125,27 @@ def data_context(trial: ResolvedTrial, base: DiffusionModel, **extra: Any) -> Da
 
 
 # -- stage 1: the warm worker ---------------------------------------------------------------------------
+def _measure_utility(utility: Utility | None, model: DiffusionModel, trial: ResolvedTrial) -> dict[str, float]:
+    return utility.measure(model, trial.components.evaluate) if utility is not None else {}
+
+
 def _assess_base(
-    trial: ResolvedTrial, model: DiffusionModel, detector: Detector, folder: Path | None
-) -> tuple[Evaluation, Probe | None, float]:
-    """The base model's evaluation (with embeddings: data closeness) and the proxy's probe."""
+    trial: ResolvedTrial, model: DiffusionModel, detector: Detector, utility: Utility | None, folder: Path | None
+) -> tuple[Evaluation, Probe | None, float, dict[str, float]]:
+    """The base model's evaluation (with embeddings: data closeness), the proxy's probe and the utility."""
     c = trial.components
-    base = evaluate(model, detector, concepts(trial), c.evaluate, embed=True)
+    base = evaluate(model, detector, eval_concepts(trial), c.evaluate, embed=True)
+    measured = _measure_utility(utility, model, trial)
     probe, loss = None, float("nan")
     if c.proxy is not None:
         probe = make_probe(model, list(trial.spec.concept.prompts), c.proxy, c.evaluate)
         loss = probe_loss(model, probe)
     if folder is not None:
         save_evaluation(base, folder)
+        (folder / "utility.json").write_text(json.dumps(measured))
         if probe is not None:
             save_probe(probe, loss, folder)
-    return base, probe, loss
+    return base, probe, loss, measured
 
 
 def warm_state(trial: ResolvedTrial, cache: EraseCache | None = None) -> Warm:
@@ -122,16 +158,18 @@ def warm_state(trial: ResolvedTrial, cache: EraseCache | None = None) -> Warm:
         _WARM.clear()  # one experiment per worker at a time; don't hold several models
         model = load_model(spec.model.name, c.model, device=spec.model.device, dtype=spec.model.dtype)
         detector = load_detector(spec.evaluate.detector.name, c.detector, model.device)
+        utility = Utility(c.utility, model.device) if c.utility is not None else None
         if cache is None:
-            base, probe, loss = _assess_base(trial, model, detector, None)
+            base, probe, loss, measured = _assess_base(trial, model, detector, utility, None)
         else:
             got = cache.get(
                 content_key("base-evaluation", trial.base_content()),
-                lambda folder: _assess_base(trial, model, detector, folder),
+                lambda folder: _assess_base(trial, model, detector, utility, folder),
             )
             base = load_evaluation(got.folder)
             probe, loss = load_probe(got.folder, c.proxy) if c.proxy is not None else (None, float("nan"))
-        _WARM[key] = Warm(model, detector, base, probe, loss)
+            measured = json.loads((got.folder / "utility.json").read_text())
+        _WARM[key] = Warm(model, detector, base, probe, loss, utility, measured)
     return _WARM[key]
 
 
@@ -159,13 +197,14 @@ def _erase(trial: ResolvedTrial, warm: Warm, folder: Path | None) -> tuple[Diffu
 
 def _assess_erased(
     trial: ResolvedTrial, warm: Warm, model: DiffusionModel, folder: Path | None
-) -> tuple[Evaluation, float]:
-    evaluation = evaluate(model, warm.detector, concepts(trial), trial.components.evaluate)
+) -> tuple[Evaluation, float, dict[str, float]]:
+    evaluation = evaluate(model, warm.detector, eval_concepts(trial), trial.components.evaluate)
     loss = probe_loss(model, warm.probe) if warm.probe is not None else float("nan")
+    measured = _measure_utility(warm.utility, model, trial)
     if folder is not None:
         save_evaluation(evaluation, folder)
-        (folder / "probe.json").write_text(json.dumps({"probe_loss": loss}))
-    return evaluation, loss
+        (folder / "probe.json").write_text(json.dumps({"probe_loss": loss, "utility": measured}))
+    return evaluation, loss, measured
 
 
 def get_erased(trial: ResolvedTrial, warm: Warm, cache: EraseCache | None) -> Erased:
@@ -174,16 +213,21 @@ def get_erased(trial: ResolvedTrial, warm: Warm, cache: EraseCache | None) -> Er
     erase_key = content_key("erased", trial.erase_content())
     eval_key = content_key(
         "evaluation",
-        {"erased": erase_key, "evaluate": trial.params["evaluate"], "concepts": [c.name for c in concepts(trial)]},
+        {
+            "erased": erase_key,
+            "evaluate": trial.params["evaluate"],
+            "evaluator": trial.evaluator,
+            "concepts": [c.name for c in concepts(trial)],
+        },
     )
     memo_key = f"{erase_key}/{eval_key}"
     if memo_key in warm.erased:
         hit = warm.erased[memo_key]
-        return Erased(hit.model, hit.seconds, hit.evaluation, hit.distance, hit.probe_loss, "memo")
+        return Erased(hit.model, hit.seconds, hit.evaluation, hit.distance, hit.probe_loss, "memo", hit.utility)
     if cache is None:
         model, seconds = _erase(trial, warm, None)
-        evaluation, loss = _assess_erased(trial, warm, model, None)
-        erased = Erased(model, seconds, evaluation, weight_distance(model, warm.model), loss, "miss")
+        evaluation, loss, measured = _assess_erased(trial, warm, model, None)
+        erased = Erased(model, seconds, evaluation, weight_distance(model, warm.model), loss, "miss", measured)
     else:
         produced: list[DiffusionModel] = []
         got = cache.get(erase_key, lambda folder: produced.append(_erase(trial, warm, folder)[0]))
@@ -196,8 +240,9 @@ def get_erased(trial: ResolvedTrial, warm: Warm, cache: EraseCache | None) -> Er
             load_changed(model, got.folder)
         ev = cache.get(eval_key, lambda folder: _assess_erased(trial, warm, model, folder))
         evaluation = load_evaluation(ev.folder)
-        loss = json.loads((ev.folder / "probe.json").read_text())["probe_loss"]
-        erased = Erased(model, meta["erase_seconds"], evaluation, meta["distance"], loss, got.status)
+        saved = json.loads((ev.folder / "probe.json").read_text())
+        loss, measured = saved["probe_loss"], saved["utility"]
+        erased = Erased(model, meta["erase_seconds"], evaluation, meta["distance"], loss, got.status, measured)
     warm.erased.clear()  # bounded: one erased model per worker
     warm.erased[memo_key] = erased
     return erased
@@ -227,10 +272,17 @@ class Reports:
         extra = [(label, [ev.samples[n] for n in names])] if ev is not None else []
         save_grid([*self.rows, *extra], names, self.grid)
 
-    def metrics(self, step: int, ev: Evaluation | None, loss: float, current: DiffusionModel | None) -> dict[str, Any]:
+    def metrics(
+        self,
+        step: int,
+        ev: Evaluation | None,
+        loss: float,
+        current: DiffusionModel | None,
+        utility: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
         """A report at `step`; `ev`: the full evaluation if it ran; `current`: the model now (None on the ranks
-        that do not evaluate)."""
-        out: dict[str, Any] = {"ft_step": step, "ft_loss": loss}
+        that do not evaluate); `utility`: the utility metrics if they were measured."""
+        out: dict[str, Any] = {"ft_step": step, "ft_loss": loss, **(utility or {})}
         if ev is not None:
             p = ev.presence[self.concept]
             out |= {
@@ -238,18 +290,25 @@ class Reports:
                 "resurgence": p - self.once["presence_erased"],
                 "retention": ev.retention(self.concept),
             }
+            out |= {f"detected.{cls}": n for cls, n in ev.counts.get(self.concept, {}).items()}
         if current is not None:
             if self.warm.probe is not None:
                 now = self.erased.probe_loss if step == 0 else probe_loss(current, self.warm.probe)
                 out["resurgence_proxy"] = proxy_resurgence(now, self.erased.probe_loss, self.warm.probe_loss)
             out["ft_distance"] = weight_distance(current, self.erased.model)
+        return {**out, **self.once, "erase_cache": self.erased.cache, "samples_png": str(self.grid), **self.cost()}
+
+    def cost(self) -> dict[str, float]:
+        """The trial's own cost so far (orchestrator/metric_names.py TIMING_METRICS)."""
+        wall = time.perf_counter() - self.started
+        device = self.warm.model.device
+        on_cuda = device.type == "cuda"  # a trial holds its device for its whole wall time
         return {
-            **out,
-            **self.once,
-            "erase_cache": self.erased.cache,
-            "samples_png": str(self.grid),
-            "trial_seconds": time.perf_counter() - self.started,  # the trial's own compute so far (wall)
-            "trial_cpu_seconds": time.process_time() - self.cpu_started,  # and the CPU its worker spent on it
+            "trial_seconds": wall,
+            "trial_cpu_seconds": time.process_time() - self.cpu_started,
+            "trial_device_seconds": wall if on_cuda else 0.0,
+            "trial_peak_device_mb": peak_memory_mb(device),
+            "trial_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: kB
         }
 
 
@@ -313,9 +372,12 @@ class RoundEvaluations:
         with self.tuner.current_model() as current:  # ZeRO-3: every rank gathers
             ev = None
             if full and current is not None:
-                ev = evaluate(current, self.reports.warm.detector, concepts(trial), trial.components.evaluate)
+                ev = evaluate(current, self.reports.warm.detector, eval_concepts(trial), trial.components.evaluate)
                 self.reports.picture(f"ft {ft_step}", ev)  # before the report: its timings cover the picture
-            self.last = self.reports.metrics(ft_step, ev, loss, current)
+            utility = None
+            if step == self.round.config.steps and current is not None:  # the round's end
+                utility = _measure_utility(self.reports.warm.utility, current, trial)
+            self.last = self.reports.metrics(ft_step, ev, loss, current, utility)
         every = trial.spec.failure.checkpoint_every
         total = self.round.config.steps * trial.spec.finetune.rounds
         if not (every and ft_step % every == 0 and ft_step < total):
@@ -362,6 +424,7 @@ def execute_trial(
     started, cpu_started = time.perf_counter(), time.process_time()
     rank0 = distributed is None or distributed.rank == 0
     warm = warm_state(trial, cache)
+    reset_peak_memory(warm.model.device)
     erased = get_erased(trial, warm, cache)
     model = copy.deepcopy(erased.model)
     named = [c.name for c in concepts(trial)]
@@ -374,6 +437,8 @@ def execute_trial(
         "erase_seconds": erased.seconds,
         "erase_cached": float(erased.cache != "miss"),
         "erase_distance": erased.distance,
+        "presence_images": warm.base.images.get(name, 0),
+        **{f"{k}_base": v for k, v in warm.base_utility.items()},
     }
     rows = [("base", [warm.base.samples[n] for n in named]), ("erased", [erased.evaluation.samples[n] for n in named])]
     reports = Reports(trial, warm, erased, once, artifact_dir / "samples.png", rows, started, cpu_started)
@@ -386,9 +451,9 @@ def execute_trial(
         for choice, ds in dict(trial.spec.finetune.round_datasets()).items()
     }
     once["data_closeness"] = data_closeness(
-        warm.detector, [d.pixels for d in data.values()], warm.base.embeddings[name]
+        warm.detector, [d.pixels for d in data.values()], warm.base.embeddings.get(name)
     )
-    last = reports.metrics(0, erased.evaluation, float("nan"), model if rank0 else None)
+    last = reports.metrics(0, erased.evaluation, float("nan"), model if rank0 else None, erased.utility)
     state = Resume.read(resume) if resume is not None else None
     if state is None:
         report(last)

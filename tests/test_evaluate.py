@@ -1,11 +1,11 @@
 import torch
 
-from methods.detectors.base import load_detector
-from methods.erasers.base import Concept
+from methods.catalog import DETECTORS  # noqa: F401 (registers every detector)
+from methods.detectors.base import Detection, load_detector
 from methods.evaluation.pictures import save_grid
-from methods.evaluation.presence import EvalConfig, closeness, evaluate, mean_embedding
+from methods.evaluation.presence import EvalConcept, EvalConfig, Prompt, closeness, evaluate, mean_embedding
 
-CONCEPTS = [Concept("circle", ["a circle", "a ring"]), Concept("square", ["a square"])]
+CONCEPTS = [EvalConcept("circle", [Prompt("a circle"), Prompt("a ring")]), EvalConcept("square", [Prompt("a square")])]
 
 
 class Fixed:
@@ -14,8 +14,11 @@ class Fixed:
     def __init__(self, answer: str):
         self.answer = answer
 
-    def classify(self, images, classes):
-        return torch.full((images.shape[0],), classes.index(self.answer))
+    def detect(self, images, concepts):
+        shows = torch.zeros(images.shape[0], len(concepts), dtype=torch.bool)
+        if self.answer in concepts:
+            shows[:, concepts.index(self.answer)] = True
+        return Detection(shows, {"ANSWER": images.shape[0]})
 
     def embed(self, images):  # mean colour as a 3-d "embedding"
         return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
@@ -25,6 +28,8 @@ def test_presence_counts_detector_answers(tiny_sd):
     cfg = EvalConfig(images_per_prompt=3, steps=2, batch_size=2)
     ev = evaluate(tiny_sd, Fixed("square"), CONCEPTS, cfg)
     assert ev.presence == {"circle": 0.0, "square": 1.0}
+    assert ev.images == {"circle": 6, "square": 3}  # n: prompts x images_per_prompt
+    assert ev.counts == {"circle": {"ANSWER": 6}, "square": {"ANSWER": 3}}
     assert ev.retention("circle") == 1.0 and ev.retention("square") == 0.0
     ev = evaluate(tiny_sd, Fixed("dog"), CONCEPTS, EvalConfig(images_per_prompt=1, steps=2, extra_classes=["dog"]))
     assert ev.presence == {"circle": 0.0, "square": 0.0}
@@ -39,7 +44,8 @@ def test_clip_evaluation_is_deterministic(tiny_sd):
     assert all(0.0 <= v <= 1.0 for v in a.presence.values())
     assert torch.equal(a.samples["circle"], b.samples["circle"])
     images = tiny_sd.generate(["a circle"] * 3, [0, 1, 2], steps=2, guidance_scale=7.5)
-    assert det.classify(images, ["circle", "square"]).shape == (3,)
+    shows = det.detect(images, ["circle", "square"]).shows
+    assert shows.shape == (3, 2) and (shows.sum(-1) == 1).all()  # an argmax over the names: exactly one each
 
 
 def test_clip_config_validation():

@@ -1,5 +1,13 @@
 """`clip`: open_clip zero-shot classification ("a photo of a {}."); the model is an open_clip name with a
-pretrained tag or checkpoint path, or `tiny-test`, a random tiny tower for tests."""
+pretrained tag or checkpoint path, or `tiny-test`, a random tiny tower for tests.
+
+An image shows concept k when, among the concepts asked about plus the config's `neutral` classes (names of
+what an image may show instead: "a landscape", "an object"), concept k has the highest zero-shot score, or
+with `threshold`, when its softmax probability over those names (CLIP's logit scale) reaches the threshold
+(MACE reports the mean softmax probability over class sets like this one). Without neutral classes the argmax
+always names one of the concepts: it cannot say none, which is why a spec with one concept and no other names
+is refused.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from methods.detectors.base import DETECTORS, Detector
+from methods.detectors.base import DETECTORS, Detection, Detector, file_sha256, one_hot, package_version
 
 # A random tiny open_clip tower (set head_width on a tiny vision tower: docs/background.md §5).
 TINY_CLIP = {
@@ -35,14 +43,29 @@ def _register_tiny_clip() -> None:
 
 class ClipConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    # The zero-shot argmax always names one of the classes it is asked about: it cannot say "none of them".
-    abstains: ClassVar[bool] = False
 
     model: str = "ViT-B-32"  # an open_clip model name, or tiny-test (random, for tests)
     pretrained: str | None = "openai"  # open_clip tag (needs its weights cached) or a checkpoint path;
     # null gives random weights (only sensible for tiny-test)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)  # zero-shot
     seed: int = 0  # seeds random weights (tiny-test)
+    neutral: list[str] = Field(default_factory=list)  # names an image may show instead of any concept
+    threshold: float | None = Field(None, gt=0, le=1)  # null: argmax; else softmax probability >= threshold
+
+    def can_say_none(self) -> bool:
+        return bool(self.neutral) or self.threshold is not None
+
+    def record(self) -> dict[str, Any]:
+        p = self.pretrained
+        weights = "random" if p is None else (f"sha256:{file_sha256(os.path.expanduser(p))}" if _is_file(p) else p)
+        return {
+            "package": f"open_clip_torch=={package_version('open_clip_torch')}",
+            "model": self.model,
+            "weights": weights,
+            "templates": " | ".join(self.templates),
+            "neutral": " | ".join(self.neutral),
+            "decision": "argmax" if self.threshold is None else f"softmax>={self.threshold}",
+        }
 
     @model_validator(mode="after")
     def _known(self) -> ClipConfig:
@@ -52,7 +75,7 @@ class ClipConfig(BaseModel):
         if self.model not in open_clip.list_models():
             raise ValueError(f"model: unknown open_clip model {self.model!r}")
         p = self.pretrained
-        if p is not None and not os.path.isfile(os.path.expanduser(p)):
+        if p is not None and not _is_file(p):
             tags = open_clip.list_pretrained_tags_by_model(self.model)
             if p not in tags:
                 raise ValueError(
@@ -62,6 +85,10 @@ class ClipConfig(BaseModel):
             if "{}" not in t:
                 raise ValueError(f"templates: {t!r} has no {{}} for the class name")
         return self
+
+
+def _is_file(path: str) -> bool:
+    return os.path.isfile(os.path.expanduser(path))
 
 
 class ClipZeroShot:
@@ -77,6 +104,8 @@ class ClipZeroShot:
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         self.templates = list(cfg.templates)
+        self.neutral = list(cfg.neutral)
+        self.threshold = cfg.threshold
         self.device = device
         pp = open_clip.get_model_preprocess_cfg(self.model)
         size = pp.get("size", 224)
@@ -92,18 +121,33 @@ class ClipZeroShot:
 
             self._heads[key] = open_clip.build_zero_shot_classifier(
                 self.model, self.tokenizer, classes, self.templates, device=self.device
-            )  # (D, K)
+            ).cpu()  # (D, K)
         return self._heads[key]
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(images.to(self.device).float(), size=self.size, mode="bicubic", align_corners=False)
         x = (x.clamp(0, 1) - self.mean) / self.std
-        return F.normalize(self.model.encode_image(x), dim=-1)  # (B, D)
+        return F.normalize(self.model.encode_image(x), dim=-1).cpu()  # (B, D)
 
     @torch.no_grad()
-    def classify(self, images: torch.Tensor, classes: list[str]) -> torch.Tensor:
-        return (self.embed(images) @ self._head(classes)).argmax(dim=-1).cpu()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """(N,) prompts -> (N, D) unit-norm text embeddings (the prompt as it is, no template)."""
+        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)), dim=-1).cpu()
+
+    @torch.no_grad()
+    def scores(self, images: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """(B, len(names)) softmax probabilities of each name (CLIP's logit scale, as in zero-shot ImageNet)."""
+        logits = self.model.logit_scale.exp().cpu() * (self.embed(images) @ self._head(names))
+        return logits.softmax(dim=-1).cpu()
+
+    def detect(self, images: torch.Tensor, concepts: list[str]) -> Detection:
+        prob = self.scores(images, list(concepts) + [n for n in self.neutral if n not in concepts])
+        k = len(concepts)
+        if self.threshold is not None:
+            return Detection(prob[:, :k] >= self.threshold)
+        best = prob.argmax(dim=-1)
+        return Detection(one_hot(torch.where(best < k, best, -1), k))
 
 
 @DETECTORS.register("clip", config=ClipConfig, description="open_clip zero-shot classifier over concept names")

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from methods.datasets.base import DATASETS, CaptionedImages, DataContext
-from methods.detectors.base import DETECTORS
+from methods.detectors.base import DETECTORS, Detection, file_sha256, one_hot
 from methods.models import MODELS, PretrainedConfig, pretrained
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "bar")
@@ -355,11 +355,16 @@ def load_detector_net(path: Path = DETECTOR_WEIGHTS) -> ToyClassifier:
 
 
 class ToyDetectorConfig(BaseModel):
-    abstains: ClassVar[bool] = True  # an image of no class asked about (or an unsure one) counts for none
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     weights: str = str(DETECTOR_WEIGHTS)  # safetensors file from `resurgence toy train-detector`
     min_confidence: float = Field(0.5, ge=0, lt=1)  # below it, an image shows no recognisable shape
+
+    def can_say_none(self) -> bool:
+        return True  # an image of no class asked about (or an unsure one) counts for none
+
+    def record(self) -> dict[str, Any]:
+        return {"weights": f"sha256:{file_sha256(self.weights)}", "decision": f"shape p>={self.min_confidence}"}
 
     @field_validator("weights")
     @classmethod
@@ -395,6 +400,9 @@ class ToyDetector:
             elif colour in classes:
                 out[b] = classes.index(colour)
         return out
+
+    def detect(self, images: torch.Tensor, concepts: list[str]) -> Detection:
+        return Detection(one_hot(self.classify(images, concepts), len(concepts)))
 
 
 @DETECTORS.register(
