@@ -35,7 +35,7 @@ DELETE = object()
 BAD = [
     ({"erase__method": "nope"}, "erase.method: unknown method 'nope' (known: esd, fewshot, mace, meta, none, uce)"),
     ({"model__name": "sd-99"}, "model.name: unknown model 'sd-99' (known: pretrained, tiny-sd, tiny-sdxl, toy)"),
-    ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip, toy)"),
+    ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip, imagenet, nudenet, toy)"),
     ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: concept, generated, "),
     ({"erase__config__iterations": "many"}, "erase.config.iterations: Input should be a valid integer"),
     ({"finetune__datasets": {"a": {"name": "toy"}}}, "finetune: give either dataset or datasets"),

@@ -62,7 +62,8 @@ def classifier_archs() -> list[str]:
 class ImageNetConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    weights: str  # local file: safetensors or a weights-only state dict of `arch`
+    weights: str | None  # local file: safetensors or a weights-only state dict of `arch`; null: random
+    # weights (seeded; smoke tests only: such a classifier recognises nothing)
     arch: str = "resnet50"  # a torchvision classification architecture (resurgence list shows them)
     classes: dict[str, list[int | str]] | Literal["imagenette"] = Field(default_factory=dict)  # concept ->
     # ImageNet indices or names; `imagenette` for its ten classes; a concept not listed is its own name
@@ -70,6 +71,7 @@ class ImageNetConfig(BaseModel):
     resize: int = Field(256, ge=8)  # shorter side before the crop
     crop: int = Field(224, ge=8)
     batch_size: int = Field(32, ge=1)
+    seed: int = 0  # seeds random weights
 
     _sha256: str = PrivateAttr("")
 
@@ -85,6 +87,8 @@ class ImageNetConfig(BaseModel):
                     raise ValueError(f"classes: {concept!r} maps to no ImageNet class")
                 for p in picks:
                     _index(p, f"classes.{concept}")
+        if self.weights is None:
+            return self
         try:
             with torch.device("meta"):
                 net = build(self.arch)
@@ -113,7 +117,7 @@ class ImageNetConfig(BaseModel):
         return {
             "package": f"torchvision=={package_version('torchvision')}",
             "arch": self.arch,
-            "weights": f"sha256:{self._sha256}",
+            "weights": f"sha256:{self._sha256}" if self.weights else f"random (seed {self.seed})",
             "decision": f"top-{self.top_k}",
             "preprocess": f"resize {self.resize}, crop {self.crop}",
             "classes": self.classes if isinstance(self.classes, str) else str(self.classes),
@@ -136,7 +140,9 @@ def _index(pick: int | str, where: str) -> int:
 
 class ImageNetClassifier:
     def __init__(self, cfg: ImageNetConfig, device: torch.device) -> None:
-        self.net = load_into(build(cfg.arch), cfg.weights, cfg.arch).eval().to(device)
+        torch.manual_seed(cfg.seed)
+        net = build(cfg.arch)
+        self.net = (load_into(net, cfg.weights, cfg.arch) if cfg.weights else net).eval().to(device)
         self.cfg, self.device = cfg, device
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)

@@ -94,9 +94,11 @@ class FidConfig(BaseModel):
 
     prompts: PromptSetConfig  # what to generate (COCO captions)
     reference: str  # a folder of reference images (e.g. the COCO images of those captions)
-    weights: str  # the FID Inception weights (pt_inception-2015-12-05), safetensors or a weights-only state dict
+    weights: str | None  # the FID Inception weights (pt_inception-2015-12-05), safetensors or a weights-only
+    # state dict; null: random weights (seeded; smoke tests only, the distance then means nothing)
     images_per_prompt: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)  # images through Inception at once
+    seed: int = 0  # seeds random weights
 
     _weights_sha256: str = PrivateAttr("")
     _reference_images: int = PrivateAttr(0)
@@ -114,6 +116,9 @@ class FidConfig(BaseModel):
             )
         if generated < 2:
             raise ValueError("prompts: FID needs 2 or more generated images (prompts x images_per_prompt)")
+        self._reference_images = found
+        if self.weights is None:
+            return self
         try:
             with torch.device("meta"):
                 net = fid_inception()
@@ -121,13 +126,12 @@ class FidConfig(BaseModel):
         except WeightsError as err:
             raise ValueError(f"weights: {err}") from None
         self._weights_sha256 = file_sha256(os.path.expanduser(self.weights))
-        self._reference_images = found
         return self
 
     def record(self) -> dict[str, Any]:
         return {
             "package": f"pytorch-fid=={package_version('pytorch-fid')}",
-            "weights": f"sha256:{self._weights_sha256}",
+            "weights": f"sha256:{self._weights_sha256}" if self.weights else f"random (seed {self.seed})",
             "images": len(self.prompts.prompts()) * self.images_per_prompt,
             "reference_images": self._reference_images,
             "features": "pool3 2048, 299 px bilinear",
@@ -173,7 +177,11 @@ class Utility:
             c = cfg.clip_score
             self.clip = ClipZeroShot(ClipConfig(model=c.model, pretrained=c.pretrained, seed=c.seed), device)
         if cfg.fid is not None:
-            self.fid_net = load_into(fid_inception(), cfg.fid.weights, "FID Inception v3").eval().to(device)
+            torch.manual_seed(cfg.fid.seed)
+            net = fid_inception()
+            if cfg.fid.weights is not None:  # else torch's default initialisation, seeded
+                load_into(net, cfg.fid.weights, "FID Inception v3")
+            self.fid_net = net.eval().to(device)
             self.fid_net.fc = torch.nn.Identity()  # pool3 features (2048), not the 1008 logits
             self.reference = gaussian(self.fid_features(_read_images(image_files(cfg.fid.reference))))
 
