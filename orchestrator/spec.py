@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -236,10 +237,15 @@ class ExperimentSpec(_Strict):
 
 
 # -- parsing ------------------------------------------------------------------------------------------
+_NAMED = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
+
 def _format(err: ValidationError, prefix: str = "") -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
     msg = first["msg"].removeprefix("Value error, ")
+    named = _NAMED.match(msg)  # a model's own check that names its field ("path: ...") extends the path
+    if named and loc:
+        loc, msg = f"{loc}.{named.group(1)}", msg[named.end() :]
     got = first.get("input")
     if first["type"] not in ("missing",) and not isinstance(got, dict | list) and got is not None:
         msg += f" (got {got!r})"

@@ -39,10 +39,10 @@ BAD = [
     ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: concept, generated, "),
     ({"erase__config__iterations": "many"}, "erase.config.iterations: Input should be a valid integer"),
     ({"finetune__datasets": {"a": {"name": "toy"}}}, "finetune: give either dataset or datasets"),
-    ({"finetune__data": "a"}, "finetune: data: only with datasets"),
+    ({"finetune__data": "a"}, "finetune.data: only with datasets"),
     (
         {"erase__method": "meta", "erase__config": {"method": "esd", "method_config": {"eta": -2}}},
-        "erase.config: method_config.eta: Input should be greater than 0",
+        "erase.config.method_config.eta: Input should be greater than 0",
     ),
     ({"erase__config__eta": -1}, "erase.config.eta: Input should be greater than 0"),
     ({"erase__config__etaa": 1}, "erase.config.etaa: Extra inputs are not permitted"),

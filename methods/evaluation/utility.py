@@ -64,8 +64,10 @@ class ClipScoreConfig(BaseModel):
         }
 
 
-def fid_inception() -> torch.nn.Module:
-    """The FID Inception v3 (TensorFlow's 2015-12-05 graph as pytorch-fid ports it), without weights."""
+def fid_inception(seed: int | None = None) -> torch.nn.Module:
+    """The FID Inception v3 (TensorFlow's 2015-12-05 graph as pytorch-fid ports it), for its weights to be
+    loaded into; with `seed`, random weights that keep activations at scale (He-initialised convolutions:
+    torch's defaults shrink the pool features to ~1e-8 over Inception's depth), for smoke tests."""
     from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
     from torchvision.models import inception_v3
 
@@ -79,6 +81,12 @@ def fid_inception() -> torch.nn.Module:
     net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
     net.Mixed_7b = FIDInceptionE_1(1280)
     net.Mixed_7c = FIDInceptionE_2(2048)
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.data = torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5
     return net
 
 
@@ -177,10 +185,10 @@ class Utility:
             c = cfg.clip_score
             self.clip = ClipZeroShot(ClipConfig(model=c.model, pretrained=c.pretrained, seed=c.seed), device)
         if cfg.fid is not None:
-            torch.manual_seed(cfg.fid.seed)
-            net = fid_inception()
-            if cfg.fid.weights is not None:  # else torch's default initialisation, seeded
-                load_into(net, cfg.fid.weights, "FID Inception v3")
+            if cfg.fid.weights is None:
+                net = fid_inception(seed=cfg.fid.seed)
+            else:
+                net = load_into(fid_inception(), cfg.fid.weights, "FID Inception v3")
             self.fid_net = net.eval().to(device)
             self.fid_net.fc = torch.nn.Identity()  # pool3 features (2048), not the 1008 logits
             self.reference = gaussian(self.fid_features(_read_images(image_files(cfg.fid.reference))))
