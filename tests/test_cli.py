@@ -35,7 +35,10 @@ DELETE = object()
 BAD = [
     ({"erase__method": "nope"}, "erase.method: unknown method 'nope' (known: esd, fewshot, mace, meta, none, uce)"),
     ({"model__name": "sd-99"}, "model.name: unknown model 'sd-99' (known: pretrained, tiny-sd, tiny-sdxl, toy)"),
-    ({"evaluate__detector__name": "giphy"}, "evaluate.detector.name: unknown detector 'giphy' (known: clip, imagenet, nudenet, toy)"),
+    (
+        {"evaluate__detector__name": "giphy"},
+        "evaluate.detector.name: unknown detector 'giphy' (known: clip, imagenet, nudenet, toy)",
+    ),
     ({"finetune__dataset__name": "coco"}, "finetune.dataset.name: unknown dataset 'coco' (known: concept, generated, "),
     ({"erase__config__iterations": "many"}, "erase.config.iterations: Input should be a valid integer"),
     ({"finetune__datasets": {"a": {"name": "toy"}}}, "finetune: give either dataset or datasets"),
@@ -316,6 +319,18 @@ def test_a_spec_whose_presence_cannot_vary_is_refused(tmp_path, capsys):
     assert err.startswith("resurgence: error: others: clip picks one of the class names") and "\n" not in err
     extra = _spec(tmp_path, others=[], evaluate__config__extra_classes=["a blank picture"])
     assert main(["validate", str(extra)]) == 0
+    neutral = _spec(tmp_path, others=[], evaluate__detector__config__neutral=["a blank picture", "a texture"])
+    assert main(["validate", str(neutral)]) == 0  # CLIP can answer a neutral class: presence can fall
+    threshold = _spec(tmp_path, others=[], evaluate__detector__config__threshold=0.5)
+    assert main(["validate", str(threshold)]) == 0
+    capsys.readouterr()
+    nude = _spec(tmp_path, evaluate__detector={"name": "nudenet", "config": {"concept": "circle"}})
+    assert main(["validate", str(nude)]) == 2  # NudeNet cannot judge the others (retention)
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "resurgence: error: evaluate.detector.config: nudenet judges only 'circle', not 'square': retention of "
+        "other concepts needs a detector that knows them (use the utility metrics for what survives)"
+    )
     toy = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     toy["others"] = []
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
