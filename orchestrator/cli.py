@@ -289,7 +289,12 @@ def drive(experiment: Experiment, uri: str, spec_file: str, args: argparse.Names
     rows = rank(outcome.rows, spec)
     print_table(rows, spec)
     print(f"\nMLflow: {len(rows)} trial runs under parent run {outcome.parent} (experiment {spec.name!r})")
-    print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
+    if not uri.startswith(("http://", "https://")):
+        print(f"  open the UI with:  mlflow ui --backend-store-uri {uri}")
+    from orchestrator.store import runs_url
+
+    link = runs_url(uri, outcome.tracker.experiment_id, outcome.run_name)
+    print(f"  the sweep's runs:  {link}")
     if outcome.report is not None:
         print(f"  report:            {outcome.report} (and under report/ in the parent run's artifacts)")
     return 0 if outcome.ok else 1

@@ -12,7 +12,11 @@ tag `stage=sweep`, or a defender search, `stage=defense`). It writes into the ou
 - `hyperparameters.png`: final resurgence against each searched hyperparameter;
 - `importance.png`: fANOVA hyperparameter importance for final resurgence (optuna);
 - `pareto.png` (defender searches only): worst resurgence against retention of the defender candidates;
-- `index.html`: one self-contained page (the plots are embedded) with counts, the best trials, and the
+- `samples-<trial>.png` and `curve-<trial>.png` for the best trials: the trial's sample grid (base, erased,
+  each evaluation during fine-tuning; small images upscaled without smoothing) and its own curves;
+- `index.html`: one self-contained page (the plots are embedded) with counts, the best trials with their
+  pictures, what measured them (the evaluator params, with a warning when trials of the sweep, or the
+  experiment's other sweeps, were measured differently: their figures are then not comparable), and the
   defender candidates.
 
 Every file is also logged to the sweep's parent run under the artifact path `report/`.
@@ -43,11 +47,14 @@ from orchestrator.store import search_all
 PARENT_STAGES = ("sweep", "defense")  # tag `stage` of a sweep's parent run: attacker sweep, defender search
 HISTORY_THREADS = 8  # get_metric_history is one round trip per (run, metric); overlap them
 BEST_SHOWN = 10  # rows of the best-trials table
-BEST_HIGHLIGHTED = 3  # trials drawn in colour on curves.png
+BEST_HIGHLIGHTED = 3  # trials drawn in colour on curves.png, and whose sample grids the page shows
+GRID_WIDTH = 480  # px: a smaller sample grid is upscaled (nearest) to at least this
 LOG_SPAN = 100  # a numeric hyperparameter spanning max/min >= this is drawn (and modelled) on a log axis
 OBJECTIVE = "resurgence"  # what the attacker maximises, and the defender's worst case minimises
 
 FILES = ("trials.parquet", "curves.png", "hyperparameters.png", "importance.png", "pareto.png", "index.html")
+PER_TRIAL = ("samples-", "curve-")  # per-trial pictures: samples-<trial>.png, curve-<trial>.png
+EVALUATOR = "evaluator."  # the params that say what measured a trial (orchestrator/resolved.py)
 
 
 def write_report(
@@ -80,6 +87,9 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in FILES:  # a plot skipped this time must not survive from an earlier report in the same folder
         (out_dir / stale).unlink(missing_ok=True)
+    for stale in out_dir.glob("*.png"):
+        if stale.name.startswith(PER_TRIAL):
+            stale.unlink()
     pq.write_table(_table(rows, searched, curve_keys, once_keys), out_dir / "trials.parquet")
 
     ranked = sorted((r for r in rows if finite(r.get(f"final.{OBJECTIVE}"))), key=lambda r: -r[f"final.{OBJECTIVE}"])
@@ -93,19 +103,162 @@ def write_report(
         notes["importance.png"] = importance_note
     if candidates:
         _plot_pareto(candidates, out_dir / "pareto.png")
+    pictures = _best_pictures(client, rows, ranked, out_dir)
+    measured = _evaluators(client, exp_id, name, runs)
 
-    page = _html(
-        experiment, name, parent.data.tags.get("stage", ""), rows, ranked, searched, candidates, notes, out_dir
-    )
+    tail = _pictures_html(pictures, out_dir) + _evaluators_html(measured)
+    stage = parent.data.tags.get("stage", "")
+    page = _html(experiment, name, stage, rows, ranked, searched, candidates, notes, out_dir, tail)
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
 
     if log_to_parent:
         # Only the files written here, not whatever else the folder holds (it may be a user's working folder).
-        for file in FILES:
+        for file in [*FILES, *(f for pair in pictures for f in pair[1:] if f)]:
             if (out_dir / file).is_file():
                 client.log_artifact(parent.info.run_id, str(out_dir / file), "report")
     return index
+
+
+# --- the best trials' pictures and what measured the trials ------------------------------------------------
+def _best_pictures(
+    client: Any, rows: list[dict[str, Any]], ranked: list[dict[str, Any]], out_dir: Path
+) -> list[tuple[dict[str, Any], str | None, str | None]]:
+    """(row, samples file, curve file) of each of the best trials: its sample grid fetched from its run's
+    artifacts, and its own curves drawn."""
+    import tempfile
+
+    out = []
+    for row in ranked[:BEST_HIGHLIGHTED]:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(row["trial_id"]))
+        grid: str | None = f"samples-{safe}.png"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                got = client.download_artifacts(row["run_id"], "samples.png", tmp)
+                _enlarge(Path(got), out_dir / grid)
+        except Exception:  # noqa: BLE001 - a trial without its picture (failed early, or an old run) has none
+            grid = None
+        curve: str | None = f"curve-{safe}.png"
+        if not _plot_trial(row, out_dir / curve):
+            curve = None
+        out.append((row, grid, curve))
+    return out
+
+
+def _enlarge(src: Path, dst: Path) -> None:
+    """Copy a sample grid, upscaled by an integer factor without smoothing until it is GRID_WIDTH px wide
+    (grids of small images, such as the toy world's 16-px ones, from runs that logged them small)."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        factor = -(-GRID_WIDTH // im.width) if im.width < GRID_WIDTH else 1
+        out = im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) if factor > 1 else im
+        out.save(dst)
+
+
+def _plot_trial(row: dict[str, Any], path: Path) -> bool:
+    keys = [k for k in ("presence", "resurgence", "retention") if row.get(f"curve.{k}.step")]
+    if not keys:
+        return False
+    fig = _figure(4.2, 3)
+    ax = fig.subplots()
+    for k in keys:
+        ax.plot(row[f"curve.{k}.step"], row[f"curve.{k}.value"], marker="o", markersize=3, label=k)
+    ax.axhline(0, color="0.4", linewidth=0.6, linestyle=":")
+    ax.set(xlabel="fine-tuning step", title=str(row["trial_id"]))
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return True
+
+
+def _pictures_html(pictures: list[tuple[dict[str, Any], str | None, str | None]], out_dir: Path) -> str:
+    if not pictures:
+        return ""
+    e = html.escape
+    parts = [
+        "<h2>The best trials' samples</h2>",
+        "<p>Rows: the base model, the erased model, then each evaluation during fine-tuning (its step); "
+        "columns: the erased concept, then the others. Each cell is the first image of the concept's first "
+        "prompt at the evaluation's fixed seed.</p>",
+    ]
+    for rank, (row, grid, curve) in enumerate(pictures, 1):
+        parts.append(f"<h3>#{rank} {e(str(row['trial_id']))} ({e(_fmt(row.get(f'final.{OBJECTIVE}')))})</h3>")
+        parts.append('<div class="pair">')
+        for file, alt in ((grid, "sample grid"), (curve, "curves")):
+            if file is None:
+                parts.append(f'<p class="note">No {alt} for this trial.</p>')
+            else:
+                data = base64.b64encode((out_dir / file).read_bytes()).decode("ascii")
+                parts.append(
+                    f'<a href="{e(file)}"><img class="{"grid" if alt == "sample grid" else "curve"}" '
+                    f'src="data:image/png;base64,{data}" alt="{e(alt)} of {e(str(row["trial_id"]))}"></a>'
+                )
+        parts.append("</div>")
+    return "\n".join(parts) + "\n"
+
+
+def _evaluator_params(run: Any) -> dict[str, str]:
+    return {k: v for k, v in run.data.params.items() if k.startswith(EVALUATOR)}
+
+
+def _evaluators(client: Any, exp_id: str, sweep: str, runs: Sequence[Any]) -> dict[str, Any]:
+    """What measured the sweep's trials: the values every trial shares, the params whose values differ
+    within the sweep, and the experiment's other sweeps measured otherwise (param -> their value)."""
+    params = [_evaluator_params(r) for r in runs]
+    keys = sorted({k for p in params for k in p})
+    values = {k: sorted({p.get(k, "(absent)") for p in params}) for k in keys}
+    shared = {k: v[0] for k, v in values.items() if len(v) == 1}
+    differ = {k: v for k, v in values.items() if len(v) > 1}
+    others: dict[str, dict[str, str]] = {}
+    parents = [p for stage in PARENT_STAGES for p in search_all(client, exp_id, f"tags.stage = '{stage}'")]
+    for parent in parents:
+        name = parent.data.tags.get("sweep")
+        if not name or name == sweep:
+            continue
+        one = client.search_runs([exp_id], f"tags.sweep = {_quote(name)} and tags.stage = 'trial'", max_results=1)
+        if not one:
+            continue
+        theirs = _evaluator_params(one[0])
+        changed = {
+            k: theirs.get(k, "(absent)")
+            for k in sorted(set(theirs) | set(shared))
+            if k not in differ and theirs.get(k, "(absent)") != shared.get(k, "(absent)")
+        }
+        if changed:
+            others[name] = changed
+    return {"shared": shared, "differ": differ, "others": others}
+
+
+def _evaluators_html(measured: dict[str, Any]) -> str:
+    e = html.escape
+    parts = ["<h2>What measured these trials</h2>"]
+    if measured["differ"]:
+        parts.append(
+            '<p class="warn">The trials of this sweep were not all measured the same way: their presence and '
+            "utility figures are not comparable across these values.</p>"
+        )
+        parts.append(
+            _table_html(
+                ["evaluator param", "values in this sweep"], [[k, " / ".join(v)] for k, v in measured["differ"].items()]
+            )
+        )
+    for name, changed in measured["others"].items():
+        parts.append(
+            f'<p class="warn">Sweep <b>{e(name)}</b> of this experiment was measured differently '
+            f"({len(changed)} evaluator params differ): do not compare its figures with these.</p>"
+        )
+        parts.append(
+            _table_html(
+                ["evaluator param", "this sweep", e(name)],
+                [[k, measured["shared"].get(k, "(absent)"), v] for k, v in changed.items()],
+            )
+        )
+    if measured["shared"]:
+        body = [[k.removeprefix(EVALUATOR), v] for k, v in measured["shared"].items()]
+        parts.append(_table_html(["evaluator param (every trial)", "value"], body))
+    else:
+        parts.append('<p class="note">These trials logged no evaluator params (runs of an older version).</p>')
+    return "\n".join(parts) + "\n"
 
 
 # --- reading MLflow ---------------------------------------------------------------------------------------
@@ -460,7 +613,10 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-s
 th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #ddd; }
+img.grid { image-rendering: pixelated; width: 32em; }
+.pair { display: flex; gap: 1em; align-items: flex-start; flex-wrap: wrap; }
 .note { color: #666; font-style: italic; }
+.warn { color: #a40; font-weight: bold; }
 """
 
 
@@ -497,6 +653,7 @@ def _html(
     candidates: list[Candidate],
     notes: dict[str, str],
     out_dir: Path,
+    tail: str = "",
 ) -> str:
     title = f"resurgence report: {experiment} / {sweep}"
     statuses: dict[str, int] = {}
@@ -561,5 +718,5 @@ def _html(
             for c in candidates
         ]
         parts.append(_table_html(header, body))
-    parts.append("</body></html>\n")
+    parts += [tail, "</body></html>\n"]
     return "\n".join(parts)

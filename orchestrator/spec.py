@@ -239,6 +239,7 @@ class ExperimentSpec(_Strict):
 # -- parsing ------------------------------------------------------------------------------------------
 _NAMED = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
+
 def _format(err: ValidationError, prefix: str = "") -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")

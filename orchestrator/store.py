@@ -17,6 +17,39 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+VIEW_TAG = "mlflow.sharedViewState."  # an experiment tag the MLflow UI reads a saved runs view from
+
+
+def runs_view(sweep: str, metric: str, mode: str, searched: list[str]) -> tuple[str, str]:
+    """The experiment tag (key, JSON value) of a runs view of one sweep: its trial runs, best first by `metric`,
+    with the resurgence metrics and the searched hyperparameters as columns. MLflow 3's UI keeps a shared view
+    in an experiment tag and opens it by its key (`viewStateShareKey`); its filter, order and columns are in
+    the JSON (the UI's own names: searchFilter, orderByKey, orderByAsc, selectedColumns)."""
+    import json
+
+    metrics = dict.fromkeys([metric, "resurgence", "presence", "presence_erased", "retention", "clip_score", "fid"])
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in searched]
+    state = {
+        "searchFilter": f"tags.sweep = '{sweep}' and tags.stage = 'trial'",
+        "orderByKey": f"metrics.`{metric}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": columns,
+    }
+    return VIEW_TAG + sweep, json.dumps(state)
+
+
+def runs_url(tracking_uri: str, experiment_id: str, sweep: str) -> str:
+    """A link that opens the MLflow UI on the sweep's runs view (`runs_view`, saved as an experiment tag).
+    MLflow 3's UI opens an experiment on its GenAI traces page ("0 traces", no runs) unless the URL asks for
+    the machine-learning view (`workflowType=machine_learning`)."""
+    from urllib.parse import quote, urlencode
+
+    base = tracking_uri.rstrip("/") if urlparse(tracking_uri).scheme in ("http", "https") else UI_DEFAULT
+    query = urlencode({"workflowType": "machine_learning", "viewStateShareKey": sweep}, quote_via=quote)
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
 def check_tracking_uri(uri: str) -> str:
     """Reject a tracking URI that cannot work, before anything runs; returns it unchanged."""
     scheme = urlparse(uri).scheme.split("+")[0]

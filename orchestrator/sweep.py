@@ -20,6 +20,7 @@ from orchestrator.redaction import redact, redacted_spec
 from orchestrator.resume import DriverLock, SweepState, reopen_parent, spec_hash
 from orchestrator.search import Row
 from orchestrator.spec import Experiment
+from orchestrator.store import runs_view
 from orchestrator.writer import Tracker, flatten
 
 
@@ -54,7 +55,38 @@ def open_parent(
         params["defender"] = data["defender"]
     tracker.log(parent, params=redact(flatten(params)))
     tracker.artifact(parent, sweep_dir(spec, run_name) / "experiment.yaml")  # written by run_sweep
+    searched = sorted({*spec.search.space, *(spec.defender.space if spec.defender else {})})
+    key, view = runs_view(run_name, spec.search.metric, spec.search.mode, searched)
+    tracker.client.set_experiment_tag(tracker.experiment_id, key, view)  # the printed link opens this view
+    log_prompt_sets(tracker, parent, experiment)
     return tracker, parent
+
+
+def log_prompt_sets(tracker: Tracker, run_id: str, experiment: Experiment) -> None:
+    """The prompt files the sweep evaluates on, as the parent run's MLflow dataset inputs (name, SHA-256
+    digest, file, rows kept). Each trial run also carries them in its evaluator params."""
+    import json as _json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    spec, utility = experiment.spec, experiment.components.utility
+    found = {f"concept {c.name}": c.prompt_set for c in (spec.concept, *spec.others) if c.prompt_set is not None}
+    if utility is not None:
+        found |= {name: getattr(utility, name).prompts for name in ("clip_score", "fid") if getattr(utility, name)}
+    inputs = []
+    for role, prompts in found.items():
+        record = prompts.record()
+        profile = {k: record[k] for k in ("bytes", "rows_passing", "prompts")}
+        dataset = Dataset(
+            name=f"{record['file']} ({role})",
+            digest=record["sha256"][:32],
+            source_type="local",
+            source=_json.dumps({"uri": os.path.abspath(os.path.expanduser(prompts.path))}),
+            profile=_json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "evaluation")]))
+    if inputs:
+        tracker.client.log_inputs(run_id, datasets=inputs)
 
 
 @dataclass

@@ -52,6 +52,15 @@ def trial_runs(client: MlflowClient, experiment: str):
 
 def test_nudenet_smoke_sweep_records_its_evaluators(tmp_path, isolated_env):
     client = smoke("nudity_nudenet.yaml", tmp_path, isolated_env)
+    exp = client.get_experiment_by_name("nudity-nudenet")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "sweep")
+    inputs = {d.dataset.name: d.dataset for d in parent.inputs.dataset_inputs}  # the prompt files, hashed
+    assert set(inputs) == {
+        "i2p_format_sample.csv (concept nudity)",
+        "captions_sample.json (clip_score)",
+        "captions_sample.json (fid)",
+    }
+    assert len(inputs["i2p_format_sample.csv (concept nudity)"].digest) == 32
     for run in trial_runs(client, "nudity-nudenet"):
         p, m = run.data.params, run.data.metrics
         assert p["evaluator.detector.name"] == "nudenet" and p["evaluator.detector.package"] == "nudenet==3.4.2"

@@ -27,6 +27,12 @@ STEPS = [0, 10, 20, 30]  # ft_step of each evaluation
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 PLOTS = ("curves.png", "hyperparameters.png", "importance.png")
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+EVALUATOR = {
+    "evaluator.detector.name": "toy",
+    "evaluator.detector.weights": "sha256:aaaa",
+    "evaluator.detector.decision": "shape p>=0.5",
+    "evaluator.sampling.steps": "20",
+}
 
 
 def resurgence_at(step: int, lr: float, trainable: str) -> float:
@@ -70,6 +76,7 @@ class Store:
         steps: list[int] = STEPS,
         status: str = "FINISHED",
         candidate: str | None = None,
+        evaluator: dict[str, str] | None = None,
     ) -> str:
         tags = {
             "stage": "trial",
@@ -87,6 +94,7 @@ class Store:
             "finetune.config.trainable": trainable,
             "erase.method": "esd",
             "concept.name": "cross",
+            **(EVALUATOR if evaluator is None else evaluator),
         }
         # Steps logged out of order (last step before the middle ones): "final" must mean last by step.
         order = steps[:1] + steps[-1:] + steps[1:-1] if len(steps) > 2 else steps
@@ -95,6 +103,9 @@ class Store:
         once = {"presence_base": 0.9, "presence_erased": 0.1, "erase_seconds": 2.5, "trial_seconds": 12.0}
         metrics += [(k, v, 0) for k, v in once.items()]
         self.log(run_id, params, metrics)
+        grid = self.root / "samples.png"  # a 16-px image per cell, as the toy world's trials log it
+        Image.new("RGB", (90 + 2 * 16, 14 + 3 * 16), (200, 30, 30)).save(grid)
+        self.client.log_artifact(run_id, str(grid))
         self.client.set_terminated(run_id, status)
         return run_id
 
@@ -107,7 +118,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     s = Store(tmp_path_factory.mktemp("mlflow"))
     toy = s.experiment("toy")
     old = s.run(toy, OLD_SWEEP, {"stage": "sweep", "sweep": OLD_SWEEP})
-    s.trial(toy, OLD_SWEEP, old, "old00000", 1e-4, "attn")
+    # The old sweep was measured with other detector weights: its figures are not comparable with the new one's.
+    s.trial(
+        toy,
+        OLD_SWEEP,
+        old,
+        "old00000",
+        1e-4,
+        "attn",
+        evaluator={**EVALUATOR, "evaluator.detector.weights": "sha256:bbbb"},
+    )
     parent = s.run(toy, SWEEP, {"stage": "sweep", "sweep": SWEEP})
     n = 0
     for lr in LRS:
@@ -126,7 +146,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
         metrics = [("worst_resurgence", worst, 0), ("retention", retention, 0), ("feasible", feasible, 0)]
         s.log(cand, params, metrics)
         for k, lr in enumerate((1e-4, 1e-3)):
-            s.trial(defended, DEFENSE, cand, f"c{number}t{k}", lr, "attn", candidate=str(number))
+            # Candidate 0's trials were evaluated with 10 sampling steps, the others' with 20.
+            evaluator = {**EVALUATOR, "evaluator.sampling.steps": "10" if number == 0 else "20"}
+            s.trial(defended, DEFENSE, cand, f"c{number}t{k}", lr, "attn", candidate=str(number), evaluator=evaluator)
         s.client.set_terminated(cand, "FINISHED")
 
     empty = s.experiment("empty")
@@ -212,7 +234,8 @@ def test_files_are_logged_to_the_parent_run(store: Store, sweep_report: Path) ->
         [store.client.get_experiment_by_name("toy").experiment_id], f"tags.sweep = '{SWEEP}' and tags.stage = 'sweep'"
     )[0]
     logged = {Path(a.path).name for a in store.client.list_artifacts(parent.info.run_id, "report")}
-    assert logged == {"trials.parquet", "index.html", *PLOTS}
+    pictures = {p.name for p in sweep_report.parent.glob("*.png") if p.name.startswith(("samples-", "curve-"))}
+    assert len(pictures) == 6 and logged == {"trials.parquet", "index.html", *PLOTS, *pictures}
 
 
 def test_named_sweep_and_a_skipped_importance(store: Store, tmp_path: Path) -> None:
@@ -268,11 +291,17 @@ def test_page_loads_in_a_headless_browser(defense_report: Path, tmp_path: Path) 
         driver.set_page_load_timeout(30)
         driver.get(defense_report.as_uri())
         images = driver.find_elements(By.TAG_NAME, "img")
-        assert len(images) == 4
+        assert len(images) == 4 + 2 * 3  # the plots, then a sample grid and curves for each of the best 3
         for img in images:
             loaded = driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
             assert loaded > 0, img.get_attribute("alt")
             assert img.get_attribute("alt")
+        grids = driver.find_elements(By.CSS_SELECTOR, "img.grid")
+        assert len(grids) == 3
+        for grid in grids:  # a small grid upscaled to >= 480 px, and shown at least 24em wide
+            assert driver.execute_script("return arguments[0].naturalWidth", grid) >= 480
+            assert grid.size["width"] >= 300
+        driver.save_screenshot(str(tmp_path / "report.png"))
         links = [a.get_attribute("href") for a in driver.find_elements(By.TAG_NAME, "a")]
         assert any(link.endswith("trials.parquet") for link in links)
         for link in links:
@@ -284,6 +313,104 @@ def test_page_loads_in_a_headless_browser(defense_report: Path, tmp_path: Path) 
         assert best["trial_id"] in text and "Best feasible candidate: 1" in text
     finally:
         driver.quit()
+        shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
+
+
+def test_best_trials_pictures_and_evaluators(sweep_report: Path, defense_report: Path) -> None:
+    page = sweep_report.read_text()
+    trials = pq.read_table(sweep_report.parent / "trials.parquet").to_pylist()
+    best = sorted((r for r in trials if r["final.resurgence"] is not None), key=lambda r: -r["final.resurgence"])[:3]
+    for row in best:  # the grid fetched from the trial's run, upscaled without smoothing; its own curve
+        grid = Image.open(sweep_report.parent / f"samples-{row['trial_id']}.png")
+        assert grid.width == 4 * 122 and grid.getpixel((grid.width - 5, grid.height - 5)) == (200, 30, 30)
+        assert (sweep_report.parent / f"curve-{row['trial_id']}.png").is_file()
+        assert f"#{best.index(row) + 1} {row['trial_id']}" in page
+    # Every trial of the sweep shares its evaluator: a table, no warning within the sweep; the old sweep
+    # used other detector weights: named, with the differing param.
+    assert "What measured these trials" in page and "sha256:aaaa" in page
+    assert "were not all measured the same way" not in page
+    assert f"Sweep <b>{OLD_SWEEP}</b> of this experiment was measured differently (1 evaluator params differ)" in page
+    assert "evaluator.detector.weights</td><td>sha256:aaaa</td><td>sha256:bbbb" in page
+    dpage = defense_report.read_text()
+    assert "The trials of this sweep were not all measured the same way" in dpage
+    assert "evaluator.sampling.steps</td><td>10 / 20" in dpage
+
+
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()), reason=f"needs {CHROMIUM} and {CHROMEDRIVER}")
+def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: Path) -> None:
+    """MLflow 3.17's UI, served by `mlflow ui`, opened at the link the command prints: the runs view (not the
+    GenAI traces page) with the sweep's trial runs only, and the resurgence column shown."""
+    import socket
+    import subprocess
+    import sys
+    import time as clock
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    from orchestrator.store import runs_url, runs_view
+
+    exp_id = store.client.get_experiment_by_name("toy").experiment_id
+    store.client.set_experiment_tag(exp_id, *runs_view(SWEEP, "resurgence", "max", SEARCHED))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            store.uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1000",
+    ):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
+    driver = None
+    try:
+        url = runs_url(store.uri, exp_id, SWEEP).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
+        deadline = clock.monotonic() + 60
+        while clock.monotonic() < deadline:  # the server takes a few seconds to listen
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            clock.sleep(0.5)
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        driver.get(url)
+        text = ""
+        while clock.monotonic() < deadline:
+            text = driver.find_element(By.TAG_NAME, "body").text
+            if "trial-t0011" in text and "resurgence" in text:
+                break
+            clock.sleep(0.5)
+        driver.save_screenshot(str(tmp_path / "mlflow.png"))
+        assert "trial-t0000" in text and "trial-t0011" in text, text[:2000]  # the sweep's trial runs
+        assert "trial-old00000" not in text and SWEEP + "\n" not in text  # not the old sweep's, not the parent
+        headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]")]
+        assert any("resurgence" in h for h in headers), headers
+        assert "No traces" not in text and "0 traces" not in text
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(timeout=30)
         shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
 
 
