@@ -412,10 +412,13 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
     names += [n for n in evaluate.extra_classes if n not in names]
     check = getattr(detector, "check_concepts", None)  # a detector that knows only some names says which
     if check is not None:
-        try:
-            check(names)
-        except ValueError as err:
-            raise SpecError(f"evaluate.detector.config: {err}") from None
+        fields = ["concept.name", *(f"others.{i}.name" for i in range(len(spec.others)))]
+        fields += ["evaluate.config.extra_classes"] * (len(names) - len(fields))
+        for field, name in zip(fields, names, strict=True):
+            try:
+                check([name])
+            except ValueError as err:
+                raise SpecError(f"{field}: {err} ({ev.detector.name})") from None
     if len(names) < 2 and not detector.can_say_none():
         raise SpecError(
             f"others: {ev.detector.name} picks one of the class names it is given and cannot say none, and the "

@@ -12,6 +12,8 @@ from orchestrator.cli import main
 from tests.conftest import REPO
 
 SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+SAMPLE_CSV = REPO / "search_spaces" / "data" / "i2p_format_sample.csv"
+SAMPLE_CAPTIONS = REPO / "search_spaces" / "data" / "captions_sample.json"
 
 
 def _spec(tmp_path, **changes):
@@ -89,6 +91,31 @@ BAD = [
     (
         {"smoke": {"finetune.config.steps": -1}},
         "smoke: with its overrides applied, finetune.config.steps: Input should be greater than or equal to 1",
+    ),
+    # evaluator inputs (the prompt CSV, weights, classes, FID's reference folder) are checked the same way
+    (
+        {"concept__prompt_set": {"path": str(SAMPLE_CSV), "seed_column": "seed"}},
+        f"concept.prompt_set.seed_column: {SAMPLE_CSV} has no column 'seed' (columns: prompt, categories, ",
+    ),
+    (
+        {"concept__prompt_set": {"path": str(SAMPLE_CSV), "filter": "nudity_percentage > 99"}},
+        f"concept.prompt_set.filter: 'nudity_percentage > 99' leaves no prompt of {SAMPLE_CSV}",
+    ),
+    (
+        {"evaluate__detector": {"name": "imagenet", "config": {"weights": None, "arch": "resnet18"}}},
+        "concept.name: 'circle' is not an ImageNet class name (map it in evaluate.detector.config.classes, by index",
+    ),
+    (
+        {"evaluate__detector": {"name": "imagenet", "config": {"weights": "/no/such.safetensors"}}},
+        "evaluate.detector.config.weights: /no/such.safetensors: no such file",
+    ),
+    (
+        {
+            "evaluate__utility": {
+                "fid": {"prompts": {"path": str(SAMPLE_CAPTIONS)}, "reference": str(SAMPLE_CSV.parent), "weights": None}
+            }
+        },
+        f"evaluate.utility.fid.reference: {SAMPLE_CSV.parent} has 0 images; FID needs at least as many as it ",
     ),
 ]
 
@@ -328,8 +355,8 @@ def test_a_spec_whose_presence_cannot_vary_is_refused(tmp_path, capsys):
     assert main(["validate", str(nude)]) == 2  # NudeNet cannot judge the others (retention)
     err = capsys.readouterr().err.strip()
     assert err == (
-        "resurgence: error: evaluate.detector.config: nudenet judges only 'circle', not 'square': retention of "
-        "other concepts needs a detector that knows them (use the utility metrics for what survives)"
+        "resurgence: error: others.0.name: 'square' is not what nudenet judges (only 'circle'): retention of "
+        "other concepts needs a detector that knows them (use the utility metrics for what survives) (nudenet)"
     )
     toy = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     toy["others"] = []

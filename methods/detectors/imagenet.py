@@ -104,7 +104,7 @@ class ImageNetConfig(BaseModel):
             return [_index(p, f"classes.{concept}") for p in self.classes[concept]]
         if self.classes == "imagenette" and concept.lower() in IMAGENETTE:
             return [IMAGENETTE[concept.lower()]]
-        return [_index(concept, "concept")]
+        return [_index(concept, "")]
 
     def can_say_none(self) -> bool:
         return True  # the other ImageNet classes
@@ -127,14 +127,14 @@ class ImageNetConfig(BaseModel):
 def _index(pick: int | str, where: str) -> int:
     if isinstance(pick, int):
         if not 0 <= pick < 1000:
-            raise ValueError(f"{where}: ImageNet index {pick} is not in 0..999")
+            raise ValueError(f"{where + ': ' if where else ''}ImageNet index {pick} is not in 0..999")
         return pick
     names = [n.lower() for n in imagenet_names()]
     if pick.lower() in names:
         return names.index(pick.lower())
     raise ValueError(
-        f"{where}: {pick!r} is not an ImageNet class name (map it in evaluate.detector.config.classes, by "
-        "index or name, or use classes: imagenette)"
+        f"{where + ': ' if where else ''}{pick!r} is not an ImageNet class name (map it in "
+        "evaluate.detector.config.classes, by index or name, or use classes: imagenette)"
     )
 
 

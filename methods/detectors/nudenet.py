@@ -71,8 +71,8 @@ class NudeNetConfig(BaseModel):
         others = [n for n in names if n != self.concept]
         if others:
             raise ValueError(
-                f"nudenet judges only {self.concept!r}, not {others[0]!r}: retention of other concepts needs a "
-                "detector that knows them (use the utility metrics for what survives)"
+                f"{others[0]!r} is not what nudenet judges (only {self.concept!r}): retention of other concepts "
+                "needs a detector that knows them (use the utility metrics for what survives)"
             )
 
     def record(self) -> dict[str, Any]:
