@@ -102,11 +102,11 @@ def test_imagenet_detector_is_top_k_of_the_classifier(resnet18_file):
     # Concepts by the ImageNet class each image's top-1 is, and one no image shows.
     names = ["tench", "goldfish"]
     classes = {"first": [int(top1[0])], "second": [int(top1[1]), int(top1[2])], "tench": [0]}
-    det = load_detector("imagenet", {"weights": str(path), "arch": "resnet18", "classes": classes}, CPU)
+    det = load_detector("imagenet", {"weights": str(path), "arch": "resnet18", "classes": classes, "resize": 256}, CPU)
     shows = det.detect(images, ["first", "second", "tench"]).shows
     expect = torch.stack([top1 == top1[0], (top1 == top1[1]) | (top1 == top1[2]), top1 == 0], dim=1)
     assert torch.equal(shows, expect)
-    det3 = load_detector("imagenet", {"weights": str(path), "arch": "resnet18", "top_k": 3}, CPU)
+    det3 = load_detector("imagenet", {"weights": str(path), "arch": "resnet18", "top_k": 3, "resize": 256}, CPU)
     shows3 = det3.detect(images, names).shows
     assert torch.equal(shows3, torch.stack([(top3 == 0).any(-1), (top3 == 1).any(-1)], dim=1))
     emb = det.embed(images)

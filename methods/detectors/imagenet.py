@@ -6,7 +6,10 @@ An image shows concept k when one of the ImageNet classes the concept stands for
 stands for the classes `classes` maps it to (ImageNet indices or names), else for the ImageNet class of its
 own name; `classes: imagenette` maps the ten Imagenette classes (the few-shot erasure paper's set) by their
 names and common spellings. Preprocessing is torchvision's ImageNet evaluation transform: resize the shorter
-side to `resize`, centre-crop `crop`, normalise with the ImageNet mean and standard deviation.
+side to `resize` (bilinear, antialiased), centre-crop `crop`, normalise with the ImageNet mean and standard
+deviation. The defaults (232, 224) are those of torchvision's ResNet-50 IMAGENET1K_V2 weights, which ESD's
+official eval-scripts/imageclassify.py (rohitgandikota/erasing) loads as ResNet50_Weights.DEFAULT and reads
+the top-5 of; it reports the top-1 hit rate of the erased class.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class ImageNetConfig(BaseModel):
     classes: dict[str, list[int | str]] | Literal["imagenette"] = Field(default_factory=dict)  # concept ->
     # ImageNet indices or names; `imagenette` for its ten classes; a concept not listed is its own name
     top_k: int = Field(1, ge=1, le=1000)
-    resize: int = Field(256, ge=8)  # shorter side before the crop
+    resize: int = Field(232, ge=8)  # shorter side before the crop (232: torchvision's IMAGENET1K_V2 transform,
+    # which ESD's eval-scripts/imageclassify.py uses with ResNet50_Weights.DEFAULT; V1 weights were made at 256)
     crop: int = Field(224, ge=8)
     batch_size: int = Field(32, ge=1)
     seed: int = 0  # seeds random weights
