@@ -64,7 +64,8 @@ class ResolvedTrial:
         package version, weights hash and decision rule, the images per concept and their sampling, the
         prompt sets' hashes, and the utility metrics' own records."""
         s, c = self.spec, self.components
-        out: dict[str, Any] = {"detector": {"name": s.evaluate.detector.name, **c.detector.record()}}
+        record = getattr(c.detector, "record", dict)  # every shipped detector config has one
+        out: dict[str, Any] = {"detector": {"name": s.evaluate.detector.name, **record()}}
         ev = c.evaluate
         out["sampling"] = {
             "steps": ev.steps,

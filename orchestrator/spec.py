@@ -371,6 +371,7 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
     it is, and files it already checked (a pretrained model's folder, a DeepSpeed config) are not read again."""
     from methods.evaluation.presence import EvalConfig
     from methods.evaluation.proxy import ProxyConfig
+    from methods.evaluation.utility import UtilityConfig
     from methods.finetune import FinetuneConfig
 
     old = like.spec if like is not None else None
@@ -419,27 +420,23 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
                 check([name])
             except ValueError as err:
                 raise SpecError(f"{field}: {err} ({ev.detector.name})") from None
-    if len(names) < 2 and not detector.can_say_none():
+    if len(names) < 2 and not getattr(detector, "can_say_none", lambda: False)():
         raise SpecError(
             f"others: {ev.detector.name} picks one of the class names it is given and cannot say none, and the "
             f"concept is the only one (no others, no evaluate.config.extra_classes): presence would be 1 for "
             "every image and resurgence 0 by construction; add others, extra_classes, or the detector's "
             "neutral classes or threshold"
         )
-    proxy = None
-    if ev.proxy is not None:
-        if done and old_ev is not None and ev.proxy == old_ev.proxy:
-            proxy = done.proxy
-        else:
-            proxy = _typed(ProxyConfig, ev.proxy, "evaluate.proxy")
-    utility = None
-    if ev.utility is not None:
-        from methods.evaluation.utility import UtilityConfig
+    def optional(section: str, cls: type[BaseModel]) -> Any:  # an optional evaluate.* section, typed
+        value = getattr(ev, section)
+        if value is None:
+            return None
+        if done and old_ev is not None and value == getattr(old_ev, section):
+            return getattr(done, section)
+        return _typed(cls, value, f"evaluate.{section}")
 
-        if done and old_ev is not None and ev.utility == old_ev.utility:
-            utility = done.utility
-        else:
-            utility = _typed(UtilityConfig, ev.utility, "evaluate.utility")
+    proxy = optional("proxy", ProxyConfig)
+    utility = optional("utility", UtilityConfig)
     if spec.model.name == "pretrained" and not (done and same("model")):
         from methods.models import pretrained_family
 

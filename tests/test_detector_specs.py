@@ -2,6 +2,7 @@
 land in MLflow with every evaluator's record (name, version, weights hash, threshold, class set, images,
 prompt files' hashes) and the utility metrics."""
 
+import json
 import subprocess
 
 import pytest
@@ -61,6 +62,13 @@ def test_nudenet_smoke_sweep_records_its_evaluators(tmp_path, isolated_env):
         "captions_sample.json (fid)",
     }
     assert len(inputs["i2p_format_sample.csv (concept nudity)"].digest) == 32
+    # the view the printed link opens: saved on the experiment by the sweep
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{parent.data.tags['sweep']}"])
+    assert view["searchFilter"] == f"tags.sweep = '{parent.data.tags['sweep']}' and tags.stage = 'trial'"
+    assert (
+        view["selectedColumns"][0] == "metrics.`resurgence`"
+        and "params.`finetune.config.lr`" in view["selectedColumns"]
+    )
     for run in trial_runs(client, "nudity-nudenet"):
         p, m = run.data.params, run.data.metrics
         assert p["evaluator.detector.name"] == "nudenet" and p["evaluator.detector.package"] == "nudenet==3.4.2"

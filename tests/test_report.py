@@ -266,11 +266,10 @@ def test_missing_store_is_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "typo.db").exists()
 
 
-@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()), reason=f"needs {CHROMIUM} and {CHROMEDRIVER}")
-def test_page_loads_in_a_headless_browser(defense_report: Path, tmp_path: Path) -> None:
+def chrome(tmp_path: Path, *flags: str):
+    """A headless Chromium with its own profile under tmp_path (removed by the test's finally)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -284,9 +283,17 @@ def test_page_loads_in_a_headless_browser(defense_report: Path, tmp_path: Path) 
         "--no-first-run",
         "--disable-sync",
         f"--user-data-dir={tmp_path / 'chromium'}",
+        *flags,
     ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()), reason=f"needs {CHROMIUM} and {CHROMEDRIVER}")
+def test_page_loads_in_a_headless_browser(defense_report: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = chrome(tmp_path)
     try:
         driver.set_page_load_timeout(30)
         driver.get(defense_report.as_uri())
@@ -345,8 +352,6 @@ def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: P
     import sys
     import time as clock
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     from orchestrator.store import runs_url, runs_view
@@ -372,17 +377,6 @@ def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: P
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1600,1000",
-    ):
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
     driver = None
     try:
         url = runs_url(store.uri, exp_id, SWEEP).replace("127.0.0.1:5000", f"127.0.0.1:{port}")
@@ -392,7 +386,7 @@ def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: P
                 if sock.connect_ex(("127.0.0.1", port)) == 0:
                     break
             clock.sleep(0.5)
-        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        driver = chrome(tmp_path, "--window-size=1600,1000")
         driver.get(url)
         text = ""
         while clock.monotonic() < deadline:

@@ -120,7 +120,8 @@ class NudeNetDetector:
         return self.net.detect_batch(to_bgr(images), batch_size=self.cfg.batch_size)
 
     def detect(self, images: torch.Tensor, concepts: list[str]) -> Detection:
-        shows, counts = nudity_hits(self.raw(images), self.cfg.classes, self.cfg.threshold)
+        shows, fired = nudity_hits(self.raw(images), self.cfg.classes, self.cfg.threshold)
+        counts = {name: fired.get(name, 0) for name in self.cfg.classes}  # zeros too: complete curves
         out = torch.zeros(images.shape[0], len(concepts), dtype=torch.bool)
         if self.cfg.concept in concepts:
             out[:, concepts.index(self.cfg.concept)] = torch.tensor(shows, dtype=torch.bool)
