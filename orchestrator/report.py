@@ -28,6 +28,7 @@ import base64
 import html
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ HISTORY_THREADS = 8  # get_metric_history is one round trip per (run, metric); o
 BEST_SHOWN = 10  # rows of the best-trials table
 BEST_HIGHLIGHTED = 3  # trials drawn in colour on curves.png, and whose sample grids the page shows
 GRID_WIDTH = 480  # px: a smaller sample grid is upscaled (nearest) to at least this
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 LOG_SPAN = 100  # a numeric hyperparameter spanning max/min >= this is drawn (and modelled) on a log axis
 OBJECTIVE = "resurgence"  # what the attacker maximises, and the defender's worst case minimises
 
@@ -126,23 +128,32 @@ def _best_pictures(
 ) -> list[tuple[dict[str, Any], str | None, str | None]]:
     """(row, samples file, curve file) of each of the best trials: its sample grid fetched from its run's
     artifacts, and its own curves drawn."""
+    before = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"  # no download progress bars in the command's output
+    try:
+        return [_best_picture(client, row, out_dir) for row in ranked[:BEST_HIGHLIGHTED]]
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = before
+
+
+def _best_picture(client: Any, row: dict[str, Any], out_dir: Path) -> tuple[dict[str, Any], str | None, str | None]:
     import tempfile
 
-    out = []
-    for row in ranked[:BEST_HIGHLIGHTED]:
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(row["trial_id"]))
-        grid: str | None = f"samples-{safe}.png"
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                got = client.download_artifacts(row["run_id"], "samples.png", tmp)
-                _enlarge(Path(got), out_dir / grid)
-        except Exception:  # noqa: BLE001 - a trial without its picture (failed early, or an old run) has none
-            grid = None
-        curve: str | None = f"curve-{safe}.png"
-        if not _plot_trial(row, out_dir / curve):
-            curve = None
-        out.append((row, grid, curve))
-    return out
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(row["trial_id"]))
+    grid: str | None = f"samples-{safe}.png"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            got = client.download_artifacts(row["run_id"], "samples.png", tmp)
+            _enlarge(Path(got), out_dir / grid)
+    except Exception:  # noqa: BLE001 - a trial without its picture (failed early, or an old run) has none
+        grid = None
+    curve: str | None = f"curve-{safe}.png"
+    if not _plot_trial(row, out_dir / curve):
+        curve = None
+    return row, grid, curve
 
 
 def _enlarge(src: Path, dst: Path) -> None:
@@ -162,8 +173,9 @@ def _plot_trial(row: dict[str, Any], path: Path) -> bool:
         return False
     fig = _figure(4.2, 3)
     ax = fig.subplots()
+    styles = {"presence": "--", "resurgence": "-", "retention": ":"}  # presence = resurgence when erased to 0
     for k in keys:
-        ax.plot(row[f"curve.{k}.step"], row[f"curve.{k}.value"], marker="o", markersize=3, label=k)
+        ax.plot(row[f"curve.{k}.step"], row[f"curve.{k}.value"], styles[k], marker="o", markersize=3, label=k)
     ax.axhline(0, color="0.4", linewidth=0.6, linestyle=":")
     ax.set(xlabel="fine-tuning step", title=str(row["trial_id"]))
     ax.legend(fontsize="small")
@@ -613,7 +625,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-s
 th { background: #f2f2f2; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #ddd; }
-img.grid { image-rendering: pixelated; width: 32em; }
+img.grid { image-rendering: pixelated; min-width: 24em; max-width: 100%; }
 .pair { display: flex; gap: 1em; align-items: flex-start; flex-wrap: wrap; }
 .note { color: #666; font-style: italic; }
 .warn { color: #a40; font-weight: bold; }

@@ -427,6 +427,7 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
             "every image and resurgence 0 by construction; add others, extra_classes, or the detector's "
             "neutral classes or threshold"
         )
+
     def optional(section: str, cls: type[BaseModel]) -> Any:  # an optional evaluate.* section, typed
         value = getattr(ev, section)
         if value is None:
