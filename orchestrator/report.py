@@ -105,7 +105,7 @@ def write_report(
         notes["importance.png"] = importance_note
     if candidates:
         _plot_pareto(candidates, out_dir / "pareto.png")
-    pictures = _best_pictures(client, rows, ranked, out_dir)
+    pictures = _best_pictures(client, ranked, out_dir)
     measured = _evaluators(client, exp_id, name, runs)
 
     tail = _pictures_html(pictures, out_dir) + _evaluators_html(measured)
@@ -124,7 +124,7 @@ def write_report(
 
 # --- the best trials' pictures and what measured the trials ------------------------------------------------
 def _best_pictures(
-    client: Any, rows: list[dict[str, Any]], ranked: list[dict[str, Any]], out_dir: Path
+    client: Any, ranked: list[dict[str, Any]], out_dir: Path
 ) -> list[tuple[dict[str, Any], str | None, str | None]]:
     """(row, samples file, curve file) of each of the best trials: its sample grid fetched from its run's
     artifacts, and its own curves drawn."""
