@@ -54,3 +54,47 @@ def test_esd_config_rejects_bad_values():
         esd.ESDConfig(eta=-1)
     with pytest.raises(ValueError, match="variant"):
         esd.ESDConfig(variant="esd-z")
+
+
+@pytest.mark.parametrize("eta", [1.0, 2.5])
+def test_esd_loss_is_eq3_with_x_t_from_the_frozen_model(_tiny_sd, eta):
+    """Eq. 3 computed here: target = eps*(x_t, t) - eta [eps*(x_t, c, t) - eps*(x_t, t)] with eps* the original
+    UNet, x_t drawn by the original UNet (not the one being trained), loss = mean (eps_theta(x_t, c, t) - target)^2."""
+    import copy
+
+    model = copy.deepcopy(_tiny_sd)
+    original = copy.deepcopy(model.unet).eval()
+    cfg = esd.ESDConfig(variant="esd-x", sample_steps=6, eta=eta, start_guidance=3.0)
+    objective = esd.ESDObjective(model, request("a circle", seed=3), cfg)
+    with torch.no_grad():  # as if training had moved the trained weights: eps_theta != eps*
+        g = torch.Generator().manual_seed(0)
+        for p in objective.params.values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    seen = []
+    eps = model.eps
+    model.eps = lambda x, t, cond, unet=None: seen.append((x.clone(), t.clone())) or eps(x, t, cond, unet)
+    replay = torch.Generator().set_state(objective.generator.get_state())
+    got = float(objective.loss(0))
+    model.eps = eps
+
+    stop_at = int(torch.randint(0, cfg.sample_steps - 1, (1,), generator=replay))
+    seeds = torch.randint(0, 2**31 - 1, (1,), generator=replay).tolist()
+    with torch.no_grad():
+        cond, null = model.encode(["a circle"]), model.unconditional(1)
+        x_t, t = model.sample(
+            cond, null, model.noise(seeds), steps=6, stop_at=stop_at, guidance_scale=3.0, unet=original
+        )
+        trained_x_t, _ = model.sample(cond, null, model.noise(seeds), steps=6, stop_at=stop_at, guidance_scale=3.0)
+        # the loss's three predictions (after the sampling's own) are all at the frozen model's x_t
+        assert len(seen) > 3 and all(torch.equal(x, x_t) and torch.equal(tt, t) for x, tt in seen[-3:])
+        assert stop_at > 0  # (seed 3 draws a partial sampling: x_t is not the bare noise)
+        assert not torch.allclose(trained_x_t, x_t)  # the trained model would have drawn another x_t
+
+        def unet(net, c):
+            return net(x_t, t, encoder_hidden_states=c.prompt_embeds).sample.float()
+
+        e_0, e_p, e_n = unet(original, null), unet(original, cond), unet(model.unet, cond)
+        target = e_0 - eta * (e_p - e_0)
+        want = float(((e_n - target) ** 2).mean())
+    assert got == pytest.approx(want, rel=1e-5)
+    objective.close()

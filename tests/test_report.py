@@ -347,6 +347,8 @@ def test_best_trials_pictures_and_evaluators(sweep_report: Path, defense_report:
 def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: Path) -> None:
     """MLflow 3.17's UI, served by `mlflow ui`, opened at the link the command prints: the runs view (not the
     GenAI traces page) with the sweep's trial runs only, and the resurgence column shown."""
+    import os
+    import signal
     import socket
     import subprocess
     import sys
@@ -376,6 +378,8 @@ def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: P
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes
+        start_new_session=True,  # its workers go with it (os.killpg below)
     )
     driver = None
     try:
@@ -403,7 +407,7 @@ def test_the_printed_mlflow_link_opens_the_sweeps_runs(store: Store, tmp_path: P
     finally:
         if driver is not None:
             driver.quit()
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
 
