@@ -92,3 +92,59 @@ def test_meta_over_a_text_encoder_method(tiny_sd, tmp_path):
     result = meta.erase(tiny_sd, _request(tiny_sd, tmp_path), cfg)
     assert result.trained and all(n.startswith("text_encoder.") for n in result.trained)
     assert changed(te, tiny_sd.pipe.text_encoder) and not changed(unet, tiny_sd.unet)
+
+
+def test_meta_gradient_is_the_first_order_step_computed_by_hand(_tiny_sd):
+    """g = gamma1_1 grad L(theta; unrelated) - gamma2_1 grad L(theta'; harmful test), theta' = two AdamW steps
+    (clipped at norm 1) on the harmful train set from theta, over all UNet weights, computed here step by
+    step; the other gammas are 0. Signs and weights must be exactly these; theta itself must not move."""
+    import copy
+
+    model = copy.deepcopy(_tiny_sd)
+    g = torch.Generator().manual_seed(0)
+    pixels = lambda n: torch.rand(n, 3, model.resolution, model.resolution, generator=g) * 2 - 1  # noqa: E731
+    sets = {
+        "harmful_train": [(pixels(2), ["a circle", "a red circle"])],
+        "harmful_test": [(pixels(2), ["a circle", "a circle at night"])],
+        "related": [],
+        "unrelated": [(pixels(2), ["a square", "a blue square"])],
+    }
+    names = sorted(n for n in model.named_parameters() if n.startswith("unet.") and "attn2.to_k" in n)
+    cfg = meta.MetaConfig(
+        inner_steps=2, inner_lr=1e-2, weight_decay=1e-4, max_grad_norm=1.0,
+        gamma1_1=0.3, gamma1_2=0.0, gamma2_1=0.7, gamma2_2=0.0, gamma2_3=0.0,
+    )  # fmt: skip
+    for n in names:  # as erase() does before each outer step
+        model.named_parameters()[n].requires_grad_(True)
+    before = state(model.unet)
+    got = meta.meta_gradient(model, names, sets, cfg, torch.Generator().manual_seed(5))
+    assert not changed(before, model.unet)
+
+    # By hand, drawing the same noise in the same order (one generator, seeded alike).
+    rng = torch.Generator().manual_seed(5)
+
+    def loss_of(m, batch):
+        x, captions = batch
+        return m.denoising_loss(m.latents_of(x, rng), m.encode(captions), rng)
+
+    def grads(m, batch):
+        params = [m.named_parameters()[n] for n in names]
+        for p in params:
+            p.requires_grad_(True)
+        return [gr.float() for gr in torch.autograd.grad(loss_of(m, batch), params)]
+
+    g_unrelated = grads(model, sets["unrelated"][0])
+    attacked = copy.deepcopy(model)
+    weights = list(attacked.unet.parameters())
+    for p in weights:
+        p.requires_grad_(True)
+    adam = torch.optim.AdamW(weights, lr=1e-2, weight_decay=1e-4)
+    for _ in range(2):
+        adam.zero_grad()
+        loss_of(attacked, sets["harmful_train"][0]).backward()
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        adam.step()
+    g_harmful_attacked = grads(attacked, sets["harmful_test"][0])
+    for mine, a, b in zip(got, g_unrelated, g_harmful_attacked, strict=True):
+        assert torch.allclose(mine, 0.3 * a - 0.7 * b, atol=1e-6, rtol=1e-4)
+    assert any(not torch.allclose(a, b) for a, b in zip(g_unrelated, g_harmful_attacked, strict=True))
