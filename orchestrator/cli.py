@@ -200,6 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.resume import SweepState, check_resumable, unfinished_sweeps
 
     experiment, uri = prepare(args)
+    warn(experiment.components.warnings())
     resume = None
     found = [] if args.new else unfinished_sweeps(sweep_base(experiment.spec), experiment.data)
     if found:
@@ -362,11 +363,19 @@ def _data_name(spec: ExperimentSpec) -> str:
     return " + ".join(f"{n} ({ft.datasets[n].name})" for n in ft.data.split("+"))  # type: ignore[union-attr]
 
 
+def warn(warnings: list[str]) -> None:
+    """Settings that run but do nothing, one line each on stderr (the sweep's parent run is tagged too)."""
+    for w in warnings:
+        print(f"resurgence: warning: {w}", file=sys.stderr, flush=True)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.search import grid_cells
     from orchestrator.spec import load_spec
 
-    spec = load_spec(args.spec).spec
+    experiment = load_spec(args.spec)
+    spec = experiment.spec
+    warn(experiment.components.warnings())
     dims = ", ".join(spec.search.space) or "none"
     cells = len(grid_cells(spec.search.space))
     trials = cells * spec.search.num_samples

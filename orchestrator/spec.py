@@ -269,6 +269,12 @@ class Components:
     deepspeed: dict[str, Any] | None  # the DeepSpeed config's content (distributed trials)
     utility: Any = None  # methods.evaluation.utility.UtilityConfig, or None without evaluate.utility
 
+    def warnings(self) -> list[str]:
+        """What the components' configs say runs but does nothing (printed by validate and run, tagged on the
+        sweep's run)."""
+        found = getattr(self.erase, "warnings", None)
+        return [f"erase.config: {w}" for w in found()] if found is not None else []
+
 
 @dataclass(frozen=True, eq=False)
 class Experiment:
@@ -401,6 +407,12 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
             continue
         field = "finetune.dataset.name" if choice == "dataset" else f"finetune.datasets.{choice}.name"
         datasets[choice] = _component(DATASETS, ds.name, ds.config, field)
+    check = getattr(erase, "check_targets", None)  # a method that needs something of the concepts' prompts
+    if check is not None:
+        try:
+            check([(spec.concept.name, list(spec.concept.prompts))])
+        except ValueError as err:
+            raise SpecError(f"concept.prompts: {err}") from None
     if done and old is not None and spec.finetune.config == old.finetune.config:
         finetune = done.finetune
     else:

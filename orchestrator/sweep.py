@@ -39,6 +39,8 @@ def open_parent(
     tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
     sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": spec.concept.name}
     sweep_tags["model"] = spec.model.name
+    if experiment.components.warnings():
+        sweep_tags["warnings"] = " | ".join(experiment.components.warnings())
     found = []
     if look_first:
         tracker.flush()

@@ -362,3 +362,26 @@ def test_a_spec_whose_presence_cannot_vary_is_refused(tmp_path, capsys):
     toy["others"] = []
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(toy))
     assert main(["validate", str(tmp_path / "toy.yaml")]) == 0
+
+
+def test_silent_no_ops_are_refused_or_warned(tmp_path, capsys):
+    """MACE replaces the concept's name in each prompt: a prompt without it would change nothing (refused,
+    also through meta); meta-unlearning's related gammas with no related set act on nothing (a warning)."""
+    for erase in ({"method": "mace", "config": {}}, {"method": "meta", "config": {"method": "mace"}}):
+        spec = _spec(tmp_path, erase=erase, concept__prompts=["a circle", "a ring"])
+        assert main(["validate", str(spec)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            "resurgence: error: concept.prompts: MACE replaces 'circle' in each of the concept's prompts by the "
+            "mapping, and 'a ring' does not contain it (case matters): that prompt would change nothing"
+        )
+    assert main(["validate", str(_spec(tmp_path, erase={"method": "mace", "config": {}}))]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(_spec(tmp_path, erase={"method": "meta", "config": {}}))]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("resurgence: warning: erase.config: the related set is empty, so gamma1_2 and gamma2_2")
+    related = {"method": "meta", "config": {"related": {"prompts": ["an ellipse"]}}}
+    off = {"method": "meta", "config": {"gamma1_2": 0, "gamma2_2": 0}}
+    for erase in (related, off):
+        assert main(["validate", str(_spec(tmp_path, erase=erase))]) == 0
+        assert "warning" not in capsys.readouterr().err

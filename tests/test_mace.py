@@ -16,6 +16,14 @@ def _request(model, tmp_path, n=1, **kw):
     return EraseRequest(targets=_concepts(n), data=ctx, **kw)
 
 
+def test_a_prompt_without_the_concept_is_not_mapped_silently():
+    assert mace.mapped_prompt("a red circle", "circle", "ground") == "a red ground"
+    with pytest.raises(ValueError, match="does not contain the concept's name 'circle'"):
+        mace.mapped_prompt("a Circle", "circle", "ground")  # case matters, as in the official replace
+    with pytest.raises(ValueError, match="'a ring' does not contain it"):
+        mace.MACEConfig().check_targets([("circle", ["a circle", "a ring"])])
+
+
 def test_matching_positions():
     # <s> a photo of [thing] </s> vs <s> a photo of [the ground] </s>: shared prefix, shared end, then pads
     o, n = mace.matching_positions([0, 1, 2, 3, 9, 5], [0, 1, 2, 3, 7, 8, 5], length=10)

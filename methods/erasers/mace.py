@@ -62,6 +62,17 @@ class MACEConfig(BaseModel):
     mask_folder: str | None = None  # masks: <mask_folder>/<concept>/<image stem>.png (white = concept)
     importance_sampling: bool = True  # t ~ sigmoid(0.05 (t-200)) - sigmoid(0.05 (t-400)) (official)
 
+    def check_targets(self, targets: list[tuple[str, list[str]]]) -> None:
+        """Stage 1 replaces the concept's name in each prompt by `mapping` (a case-sensitive replace, as the
+        official code): a prompt without the name would map its tokens to themselves, a silent no-op."""
+        for name, prompts in targets:
+            for prompt in prompts:
+                if name not in prompt:
+                    raise ValueError(
+                        f"MACE replaces {name!r} in each of the concept's prompts by the mapping, and {prompt!r} "
+                        "does not contain it (case matters): that prompt would change nothing"
+                    )
+
     @field_validator("image_folder", "mask_folder")
     @classmethod
     def _is_dir(cls, v: str | None) -> str | None:
@@ -89,7 +100,11 @@ def matching_positions(old: list[int], new: list[int], length: int) -> tuple[lis
 
 
 def mapped_prompt(prompt: str, concept: str, mapping: str) -> str:
-    return prompt.replace(concept, mapping) if concept in prompt else f"{prompt} {mapping}"
+    """The prompt with the concept's name replaced by the mapping (MACEConfig.check_targets refuses a prompt
+    without the name before anything runs)."""
+    if concept not in prompt:
+        raise ValueError(f"MACE: {prompt!r} does not contain the concept's name {concept!r}")
+    return prompt.replace(concept, mapping)
 
 
 @torch.no_grad()

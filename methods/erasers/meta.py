@@ -104,6 +104,23 @@ class MetaConfig(BaseModel):
         """The wrapped method's typed config."""
         return self._inner
 
+    def check_targets(self, targets: list[tuple[str, list[str]]]) -> None:
+        """The wrapped method's own check of the concepts it erases, if it has one."""
+        check = getattr(self._inner, "check_targets", None)
+        if check is not None:
+            check(targets)
+
+    def warnings(self) -> list[str]:
+        """Settings that run but do nothing the user may think they do."""
+        related = [g for g in ("gamma1_2", "gamma2_2") if getattr(self, g)]
+        if related and not (self.related.prompts or self.related.folder):
+            return [
+                f"the related set is empty, so {' and '.join(related)} act on nothing: the related concepts "
+                "that should break when the erased one is relearned (the method's second half) are off; "
+                "give related.prompts (the official nudity recipe uses 'woman') or set them to 0"
+            ]
+        return []
+
 
 Batches = list[tuple[torch.Tensor, list[str]]]  # (pixels (B, 3, R, R) in [-1, 1], captions)
 
