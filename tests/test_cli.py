@@ -377,6 +377,10 @@ def test_silent_no_ops_are_refused_or_warned(tmp_path, capsys):
         )
     assert main(["validate", str(_spec(tmp_path, erase={"method": "mace", "config": {}}))]) == 0
     capsys.readouterr()
+    for guide, why in (("a red circle", "names the erased concept 'circle'"), ("  ", "tokenizes to nothing")):
+        assert main(["validate", str(_spec(tmp_path, erase={"method": "uce", "config": {"guide": guide}}))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"resurgence: error: erase.config.guide: {guide!r} ") and why in err and "\n" not in err
     assert main(["validate", str(_spec(tmp_path, erase={"method": "meta", "config": {}}))]) == 0
     err = capsys.readouterr().err
     assert err.startswith("resurgence: warning: erase.config: the related set is empty, so gamma1_2 and gamma2_2")

@@ -43,6 +43,20 @@ class UCEConfig(BaseModel):
     preserve_others: bool = True  # preserve the experiment's other concepts' prompts
     preserve: list[str] = Field(default_factory=list)  # more prompts to preserve
 
+    def check_targets(self, targets: list[tuple[str, list[str]]]) -> None:
+        """Refuse guides that would make the edit a silent no-op or not what was written: one that is only
+        blanks (it tokenizes to nothing, i.e. the "" guide: write "" if that is meant), and one that names the
+        erased concept (its tokens would be mapped onto themselves)."""
+        if self.guide and not self.guide.strip():
+            raise ValueError(
+                f'guide: {self.guide!r} tokenizes to nothing (the start token, as guide ""): write "" if meant'
+            )
+        for name, _ in targets:
+            if self.guide.strip() and name.lower() in self.guide.lower():
+                raise ValueError(
+                    f"guide: {self.guide!r} names the erased concept {name!r}: its tokens would map onto themselves"
+                )
+
 
 def _pairs(model: DiffusionModel, prompts: list[str], guide: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Erase inputs c (T, D) and the guide inputs they map to (T, D), token by token."""
