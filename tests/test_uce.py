@@ -59,3 +59,40 @@ def test_uce_shapes_and_defaults(tiny_sd):
     assert all(after[n].shape == before[n].shape for n in before)
     assert any(not torch.equal(after[n], before[n]) for n in before if n.endswith("to_v"))
     assert all(torch.equal(after[n], before[n]) for n in before if n.endswith("to_k"))
+
+
+def test_uce_weights_are_eq7_computed_here(tiny_sd):
+    """Eq. 7 solved in the test from the text encoder's own outputs, with the official `last`-token choice
+    (each prompt's last sub-word; the "" guide's start token): W = M1 M2^-1 with
+    M1 = lamb W_old + a sum_i (W_old c*_i) c_i^T + b sum_j (W_old c_j) c_j^T and
+    M2 = lamb I + a sum_i c_i c_i^T + b sum_j c_j c_j^T."""
+    model = tiny_sd
+    erase, keep = ["a circle", "a red circle"], ["a square", "a blue square"]
+    tok, encoder = model.pipe.tokenizer, model.pipe.text_encoder
+
+    @torch.no_grad()
+    def last_subword(prompts):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        hidden = encoder(ids)[0].float()  # (N, L, D): what the UNet's cross-attention reads
+        lengths = [len(tok(p).input_ids) for p in prompts]  # with <|startoftext|> and <|endoftext|>
+        return torch.stack([h[n - 2] for h, n in zip(hidden, lengths, strict=True)])
+
+    c_e, c_p = last_subword(erase), last_subword(keep)
+    c_star = last_subword([""])  # n = 2: index 0, the start token
+    lamb, a, b = 0.3, 1.0, 0.5
+    d = c_e.shape[1]
+    m2 = lamb * torch.eye(d) + a * c_e.T @ c_e + b * c_p.T @ c_p
+    kv = {
+        n: m.weight.detach().float().clone()
+        for n, m in model.unet.named_modules()
+        if n.endswith(("attn2.to_k", "attn2.to_v"))
+    }
+    request = EraseRequest(targets=[Concept("circle", erase)], preserve=[Concept("square", keep)])
+    uce.erase(model, request, uce.UCEConfig(guide="", lamb=lamb, erase_scale=a, preserve_scale=b))
+    edited = dict(model.unet.named_modules())
+    assert len(kv) > 0
+    for name, w_old in kv.items():
+        targets = (c_star @ w_old.T).expand(len(erase), -1)  # every erased token reads as the guide's
+        m1 = lamb * w_old + a * targets.T @ c_e + b * (c_p @ w_old.T).T @ c_p
+        want = torch.linalg.solve(m2, m1.T).T  # M1 M2^-1 (M2 is symmetric)
+        assert torch.allclose(edited[name].weight.float(), want, atol=1e-5, rtol=1e-4), name
