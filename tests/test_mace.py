@@ -133,3 +133,49 @@ def test_mace_runs_on_sdxl_with_masks(tiny_sdxl, tmp_path):
     assert changed(before, tiny_sdxl.unet)
     with pytest.raises(ValueError, match="no such folder"):
         mace.MACEConfig(image_folder=str(tmp_path / "nope"))
+
+
+def test_fusion_of_several_concepts_is_eq8_computed_here(tiny_sd):
+    """Stage 3 (eq. 8) for three concepts with a preservation cache, solved in the test from the text
+    encoder's own outputs (every token of every prompt, padding included, as the official code):
+    W = (lamb W_cfr + sum_i (W_i C_i^T) C_i + s K1)(lamb I + sum_i C_i^T C_i + s K2)^-1,
+    W_i = W_cfr + delta_i, K1 = sum_p (W_cfr c_p) c_p^T, K2 = sum_p c_p c_p^T over the preserved prompts."""
+    concepts = _concepts(3)
+    keep = ["a red square", "a cat on a mat"]
+    lamb, s = 0.5, 0.01
+    cfg = mace.MACEConfig(lamb=lamb, fuse_preserve_scale=s)
+    tok, encoder = tiny_sd.pipe.tokenizer, tiny_sd.pipe.text_encoder
+
+    @torch.no_grad()
+    def tokens(prompts):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        return encoder(ids)[0].float().flatten(0, 1)  # (N * 77, D)
+
+    projections = xattn.kv_projections(tiny_sd)
+    g = torch.Generator().manual_seed(1)
+    deltas = [
+        {n: 0.05 * torch.randn(p.out_features, 1, generator=g) @ torch.randn(1, p.in_features, generator=g)
+         for n, p in projections.items()}
+        for _ in concepts
+    ]  # fmt: skip
+    w_cfr = {n: p.weight.detach().float().clone() for n, p in projections.items()}
+    cache = mace.preservation_cache(tiny_sd, keep, projections)
+    mace.fuse(tiny_sd, concepts, deltas, cfg, projections, cache)
+    contexts, c_p = [tokens(c.prompts).double() for c in concepts], tokens(keep).double()
+    d = c_p.shape[1]
+    for name, proj in projections.items():
+        w0 = w_cfr[name].double()
+        m1 = lamb * w0 + s * (c_p @ w0.T).T @ c_p
+        m2 = lamb * torch.eye(d, dtype=torch.float64) + s * c_p.T @ c_p
+        for c, delta in zip(contexts, deltas, strict=True):
+            m1 += (c @ (w0 + delta[name].double()).T).T @ c
+            m2 += c.T @ c
+        want = torch.linalg.solve(m2, m1.T).T  # in float64; the method solves in float32
+        err = (proj.weight.double() - want).norm() / want.norm()
+        assert err < 1e-3, (name, float(err))  # the method sums in float32
+    # each concept's own LoRA output is approximately kept on its tokens, better than by the unfused weights
+    name = next(iter(projections))
+    w_fused, w_unfused = projections[name].weight.double(), w_cfr[name].double()
+    for c, delta in zip(contexts, deltas, strict=True):
+        target = c @ (w_unfused + delta[name].double()).T
+        assert (c @ w_fused.T - target).norm() < (c @ w_unfused.T - target).norm()
