@@ -47,9 +47,9 @@ BAD = [
     ({"finetune__data": "a"}, "finetune.data: only with datasets"),
     (
         {"erase__method": "meta", "erase__config": {"method": "esd", "method_config": {"eta": -2}}},
-        "erase.config.method_config.eta: Input should be greater than 0",
+        "erase.config.method_config.eta: Input should be greater than or equal to 0",
     ),
-    ({"erase__config__eta": -1}, "erase.config.eta: Input should be greater than 0"),
+    ({"erase__config__eta": -1}, "erase.config.eta: Input should be greater than or equal to 0"),
     ({"erase__config__etaa": 1}, "erase.config.etaa: Extra inputs are not permitted"),
     ({"finetune__config__lr": 0}, "finetune.config.lr: Input should be greater than 0"),
     ({"finetune__config__trainable": "everything"}, "finetune.config.trainable: Input should be"),

@@ -56,7 +56,7 @@ def test_esd_config_rejects_bad_values():
         esd.ESDConfig(variant="esd-z")
 
 
-@pytest.mark.parametrize("eta", [1.0, 2.5])
+@pytest.mark.parametrize("eta", [0.0, 1.0, 2.5])  # 0: the official SDXL recipe (target eps*(x_t, t))
 def test_esd_loss_is_eq3_with_x_t_from_the_frozen_model(_tiny_sd, eta):
     """Eq. 3 computed here: target = eps*(x_t, t) - eta [eps*(x_t, c, t) - eps*(x_t, t)] with eps* the original
     UNet, x_t drawn by the original UNet (not the one being trained), loss = mean (eps_theta(x_t, c, t) - target)^2."""

@@ -10,8 +10,9 @@ ESD-x trains the cross-attention (`attn2`) layers only (erases the concept from 
 styles); ESD-u trains everything else (unconditional erasure, for nudity and objects).
 
 Deviations from the official diffusers code (rohitgandikota/erasing, esd_sd.py), each for a reason:
-- The target is the paper's. The official diffusers script writes it as e_p - g (e_p - e_0); its default
-  negative_guidance g = 2 equals the paper's eta = 1, which is our default.
+- The target is the paper's. The official diffusers scripts write it as e_p - g (e_p - e_0), i.e. eta = g - 1:
+  esd_sd.py's default negative_guidance g = 2 is the paper's eta = 1 (our default); esd_sdxl.py's default
+  g = 1 (with start guidance 2 and lr 2e-4) is eta = 0, the target e_0 = eps*(x_t, t), which eta >= 0 allows.
 - Randomness (timestep, seed of x_t) comes from one seeded generator, not `random`, so runs repeat.
 - Batches are the concept's prompts cycled, not always the bare concept name, so a concept described by
   several prompts is erased under all of them.
@@ -38,7 +39,8 @@ class ESDConfig(BaseModel):
     variant: Variant = "esd-x"  # esd-x: cross-attention only; esd-u: all but cross-attention
     iterations: int = Field(200, ge=1)  # optimizer steps; official diffusers default 200 (paper: 1000)
     lr: float = Field(5e-5, gt=0, le=1)  # Adam learning rate; official diffusers default
-    eta: float = Field(1.0, gt=0)  # negative guidance of the paper's eq. 3 (official flag 2 == eta 1)
+    eta: float = Field(1.0, ge=0)  # negative guidance of the paper's eq. 3 (official flag g: eta = g - 1;
+    # esd_sd.py's g 2 is eta 1, esd_sdxl.py's g 1 is eta 0: the target is then the unconditional prediction)
     sample_steps: int = Field(50, ge=2)  # DDIM steps of the partial sampling that produces x_t
     start_guidance: float = Field(3.0, ge=0)  # CFG scale of that sampling (official default 3)
     batch_size: int = Field(1, ge=1)  # prompts per optimizer step (official: 1)
