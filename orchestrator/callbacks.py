@@ -17,6 +17,7 @@ from orchestrator.ledger import SLOT_KEY
 from orchestrator.metric_names import ONCE_METRICS, TIMING_METRICS, curve_keys
 from orchestrator.redaction import redact
 from orchestrator.resolved import RESOLVED_KEY, ResolvedTrial
+from orchestrator.spec import concept_tag
 from orchestrator.writer import Tracker, flatten
 
 
@@ -75,7 +76,7 @@ class MlflowTrials(Callback):
             "tune_trial_id": trial.trial_id,
             "wave": self.wave,
             "method": params["erase"]["method"],
-            "concept": params["concept"]["name"],
+            "concept": concept_tag(resolved.spec),
             "model": params["model"]["name"],
             "stage": "trial",
             "searched": json.dumps(sorted(k for k in trial.config if not k.startswith("_"))),

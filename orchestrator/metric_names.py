@@ -19,7 +19,8 @@ CURVE_METRICS = (
 )
 # Logged like curves too: how many of the erased concept's images each detector class fired on (NudeNet's
 # exposed parts), as `detected.<CLASS>`.
-CURVE_PREFIXES = ("detected.",)
+# With several erased concepts, each one's own presence and resurgence too (`presence.<name>`, ...).
+CURVE_PREFIXES = ("detected.", "presence.", "resurgence.")
 ONCE_METRICS = (
     "presence_base",
     "presence_erased",

@@ -73,7 +73,7 @@ class ResolvedTrial:
             "seed": ev.seed,
             "images_per_prompt": ev.images_per_prompt,
         }
-        for concept in (s.concept, *s.others):
+        for concept in s.concepts:
             images = len(concept.prompt_set.prompts()) if concept.prompt_set else len(concept.prompts)
             entry: dict[str, Any] = {"images": images * ev.images_per_prompt}
             if concept.prompt_set is not None:
@@ -96,7 +96,7 @@ class ResolvedTrial:
             "method": s.erase.method,
             "config": _dump(self.components.erase),
             "seed": s.seed,
-            "targets": [s.concept.model_dump(mode="json")],
+            "targets": [c.model_dump(mode="json") for c in s.targets],  # the whole set erased at once
             "preserve": [c.model_dump(mode="json") for c in s.others],
         }
 
@@ -106,7 +106,7 @@ class ResolvedTrial:
         return {
             "model": s.model.model_dump(mode="json"),
             "evaluate": self.params["evaluate"],
-            "concepts": [c.model_dump(mode="json") for c in (s.concept, *s.others)],
+            "concepts": [c.model_dump(mode="json") for c in s.concepts],
             "evaluator": self.evaluator,  # the prompt files' and weights' hashes: a changed file is a new base
         }
 

@@ -199,7 +199,12 @@ class ExperimentSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # MLflow experiment and Tune run name
     seed: int = 0  # erasure seed; the same for every trial, so trials differ only by their hyperparameters
     model: ModelSpec = ModelSpec()
-    concept: ConceptSpec  # the concept to erase
+    # The concept to erase, or a list of them erased at once (mass erasure: MACE, UCE; ESD and few-shot cycle
+    # through all their prompts). Presence and resurgence are then the mean over them, and each one's own
+    # is reported too (`presence.<name>`, `resurgence.<name>`).
+    concept: ConceptSpec | list[ConceptSpec]
+    erase_count: int | None = Field(None, ge=1)  # erase only the first N of the list (a grid dimension: the
+    # number of erased concepts); null: all of them
     others: list[ConceptSpec] = Field(default_factory=list)  # concepts that must survive (retention)
     erase: EraseSpec = EraseSpec()
     finetune: FinetuneSpec
@@ -213,9 +218,25 @@ class ExperimentSpec(_Strict):
     cache_dir: str = ".resurgence_cache"  # generated datasets
     smoke: dict[str, Any] = Field(default_factory=lambda: {"search.num_samples": 2})  # --smoke-test overrides
 
+    @property
+    def targets(self) -> list[ConceptSpec]:
+        """The concepts this experiment erases, in order."""
+        every = self.concept if isinstance(self.concept, list) else [self.concept]
+        return every[: self.erase_count] if self.erase_count is not None else every
+
+    @property
+    def concepts(self) -> list[ConceptSpec]:
+        """The erased concepts, then the others: everything evaluated."""
+        return [*self.targets, *self.others]
+
     @model_validator(mode="after")
     def _distinct(self) -> ExperimentSpec:
-        names = [self.concept.name] + [c.name for c in self.others]
+        if isinstance(self.concept, list) and not self.concept:
+            raise ValueError("concept: give at least one concept to erase")
+        every = self.concept if isinstance(self.concept, list) else [self.concept]
+        if self.erase_count is not None and self.erase_count > len(every):
+            raise ValueError(f"erase_count: {self.erase_count} is more than the {len(every)} concepts in concept")
+        names = [c.name for c in every] + [c.name for c in self.others]
         if len(set(names)) != len(names):
             raise ValueError("others: concept names must be distinct from each other and from concept.name")
         scheduler = self.search.scheduler
@@ -236,13 +257,39 @@ class ExperimentSpec(_Strict):
         return self
 
 
+def concept_tag(spec: ExperimentSpec) -> str:
+    """The erased concepts as one short tag value: the name, or the first names and how many in all."""
+    names = [c.name for c in spec.targets]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)})"
+
+
 # -- parsing ------------------------------------------------------------------------------------------
 _NAMED = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
 
-def _format(err: ValidationError, prefix: str = "") -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
+def _is_tag(part: Any) -> bool:
+    """A union member's name in an error location (pydantic adds it: `ConceptSpec`, `list[ConceptSpec]`)."""
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
+
+
+def _fits(data: Any, loc: tuple[Any, ...]) -> bool:
+    """Whether an error's union branch is the one the input's shape chose (a list for `list[...]`, else a
+    mapping): the other branch's errors only say the input is not of its kind."""
+    node = data
+    for part in loc:
+        if _is_tag(part):
+            return isinstance(node, list) == part.startswith("list[")
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return True
+    return True
+
+
+def _format(err: ValidationError, prefix: str = "", data: Any = None) -> str:
+    errors = [e for e in err.errors() if data is None or _fits(data, e["loc"])] or err.errors()
+    first = errors[0]
+    loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "" and not _is_tag(p))
     msg = first["msg"].removeprefix("Value error, ")
     named = _NAMED.match(msg)  # a model's own check that names its field ("path: ...") extends the path
     if named and loc:
@@ -250,7 +297,7 @@ def _format(err: ValidationError, prefix: str = "") -> str:
     got = first.get("input")
     if first["type"] not in ("missing",) and not isinstance(got, dict | list) and got is not None:
         msg += f" (got {got!r})"
-    more = len(err.errors()) - 1
+    more = len(errors) - 1
     return f"{loc or 'spec'}: {msg}" + (f" (and {more} more)" if more else "")
 
 
@@ -346,7 +393,7 @@ def validate_structure(data: dict[str, Any]) -> ExperimentSpec:
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_format(err)) from None
+        raise SpecError(_format(err, data=data)) from None
 
 
 def _component(registry: Registry[Any], name: str, options: dict[str, Any], field: str) -> Any:
@@ -410,7 +457,7 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
     check = getattr(erase, "check_targets", None)  # a method that needs something of the concepts' prompts
     if check is not None:
         try:
-            check([(spec.concept.name, list(spec.concept.prompts))])
+            check([(c.name, list(c.prompts)) for c in spec.targets])
         except ValueError as err:
             named = _NAMED.match(str(err))  # about a field of the method's config, or about the prompts
             inner = getattr(erase, "inner", None)
@@ -429,11 +476,13 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
         evaluate = done.evaluate
     else:
         evaluate = _typed(EvalConfig, ev.config, "evaluate.config")
-    names = [spec.concept.name, *(c.name for c in spec.others)]
+    names = [c.name for c in spec.concepts]
     names += [n for n in evaluate.extra_classes if n not in names]
     check = getattr(detector, "check_concepts", None)  # a detector that knows only some names says which
     if check is not None:
-        fields = ["concept.name", *(f"others.{i}.name" for i in range(len(spec.others)))]
+        fields = ["concept.name"] if not isinstance(spec.concept, list) else []
+        fields += [f"concept.{i}.name" for i in range(len(spec.targets) - len(fields))]
+        fields += [f"others.{i}.name" for i in range(len(spec.others))]
         fields += ["evaluate.config.extra_classes"] * (len(names) - len(fields))
         for field, name in zip(fields, names, strict=True):
             try:

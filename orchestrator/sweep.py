@@ -19,7 +19,7 @@ from orchestrator.defender import run_defense
 from orchestrator.redaction import redact, redacted_spec
 from orchestrator.resume import DriverLock, SweepState, reopen_parent, spec_hash
 from orchestrator.search import Row
-from orchestrator.spec import Experiment
+from orchestrator.spec import Experiment, concept_tag
 from orchestrator.store import runs_view
 from orchestrator.writer import Tracker, flatten
 
@@ -37,7 +37,7 @@ def open_parent(
     `look_first`: a parent run of this sweep that a dead driver made is taken up again."""
     spec, data = experiment.spec, experiment.data
     tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
-    sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": spec.concept.name}
+    sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": concept_tag(spec)}
     sweep_tags["model"] = spec.model.name
     if experiment.components.warnings():
         sweep_tags["warnings"] = " | ".join(experiment.components.warnings())
@@ -72,7 +72,7 @@ def log_prompt_sets(tracker: Tracker, run_id: str, experiment: Experiment) -> No
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     spec, utility = experiment.spec, experiment.components.utility
-    found = {f"concept {c.name}": c.prompt_set for c in (spec.concept, *spec.others) if c.prompt_set is not None}
+    found = {f"concept {c.name}": c.prompt_set for c in spec.concepts if c.prompt_set is not None}
     if utility is not None:
         found |= {name: getattr(utility, name).prompts for name in ("clip_score", "fid") if getattr(utility, name)}
     inputs = []

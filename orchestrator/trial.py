@@ -102,7 +102,12 @@ _WARM: dict[str, Warm] = {}  # per worker process, keyed by what determines it
 
 def concepts(trial: ResolvedTrial) -> list[Concept]:
     """The erased concept first, then the others: what erasure reads."""
-    return [Concept(c.name, list(c.prompts)) for c in (trial.spec.concept, *trial.spec.others)]
+    return [Concept(c.name, list(c.prompts)) for c in trial.spec.concepts]
+
+
+def target_prompts(trial: ResolvedTrial) -> list[str]:
+    """Every prompt of the erased concepts (the proxy's probe, the `concept` dataset of relearning attacks)."""
+    return [p for c in trial.spec.targets for p in c.prompts]
 
 
 def eval_concepts(trial: ResolvedTrial) -> list[EvalConcept]:
@@ -110,7 +115,7 @@ def eval_concepts(trial: ResolvedTrial) -> list[EvalConcept]:
     spec gives one, else their prompts."""
     return [
         EvalConcept(c.name, c.prompt_set.prompts() if c.prompt_set else [Prompt(p) for p in c.prompts])
-        for c in (trial.spec.concept, *trial.spec.others)
+        for c in trial.spec.concepts
     ]
 
 
@@ -138,7 +143,7 @@ def _assess_base(
     measured = _measure_utility(utility, model, trial)
     probe, loss = None, float("nan")
     if c.proxy is not None:
-        probe = make_probe(model, list(trial.spec.concept.prompts), c.proxy, c.evaluate)
+        probe = make_probe(model, target_prompts(trial), c.proxy, c.evaluate)
         loss = probe_loss(model, probe)
     if folder is not None:
         save_evaluation(base, folder)
@@ -177,9 +182,9 @@ def warm_state(trial: ResolvedTrial, cache: EraseCache | None = None) -> Warm:
 def _erase(trial: ResolvedTrial, warm: Warm, folder: Path | None) -> tuple[DiffusionModel, float]:
     """Erase the concept from a copy of the base model (and store what changed in `folder`)."""
     model = copy.deepcopy(warm.model)
-    named = concepts(trial)
+    named, n = concepts(trial), len(trial.spec.targets)
     request = EraseRequest(
-        targets=named[:1], preserve=named[1:], seed=trial.spec.seed, data=data_context(trial, warm.model)
+        targets=named[:n], preserve=named[n:], seed=trial.spec.seed, data=data_context(trial, warm.model)
     )
     start = time.perf_counter()
     METHODS.get(trial.spec.erase.method).obj.erase(model, request, trial.components.erase)
@@ -263,8 +268,8 @@ class Reports:
     cpu_started: float = field(default_factory=time.process_time)
 
     @property
-    def concept(self) -> str:
-        return self.trial.spec.concept.name
+    def targets(self) -> list[str]:
+        return [c.name for c in self.trial.spec.targets]
 
     def picture(self, label: str, ev: Evaluation | None = None) -> None:
         """The sample grid: base, erased and (with `ev`) the evaluation at `label`."""
@@ -284,13 +289,21 @@ class Reports:
         that do not evaluate); `utility`: the utility metrics if they were measured."""
         out: dict[str, Any] = {"ft_step": step, "ft_loss": loss, **(utility or {})}
         if ev is not None:
-            p = ev.presence[self.concept]
+            p = ev.mean_presence(self.targets)
             out |= {
                 "presence": p,
                 "resurgence": p - self.once["presence_erased"],
-                "retention": ev.retention(self.concept),
+                "retention": ev.retention(self.targets),
             }
-            out |= {f"detected.{cls}": n for cls, n in ev.counts.get(self.concept, {}).items()}
+            if len(self.targets) > 1:  # each erased concept's own, beside their mean
+                for name in self.targets:
+                    out[f"presence.{name}"] = ev.presence[name]
+                    out[f"resurgence.{name}"] = ev.presence[name] - self.erased.evaluation.presence[name]
+            fired: dict[str, int] = {}
+            for name in self.targets:
+                for cls, n in ev.counts.get(name, {}).items():
+                    fired[cls] = fired.get(cls, 0) + n
+            out |= {f"detected.{cls}": n for cls, n in fired.items()}
         if current is not None:
             if self.warm.probe is not None:
                 now = self.erased.probe_loss if step == 0 else probe_loss(current, self.warm.probe)
@@ -428,16 +441,16 @@ def execute_trial(
     erased = get_erased(trial, warm, cache)
     model = copy.deepcopy(erased.model)
     named = [c.name for c in concepts(trial)]
-    name = trial.spec.concept.name
+    targets = [c.name for c in trial.spec.targets]
     once = {
-        "presence_base": warm.base.presence[name],
-        "presence_erased": erased.evaluation.presence[name],
-        "retention_base": warm.base.retention(name),
-        "retention_erased": erased.evaluation.retention(name),
+        "presence_base": warm.base.mean_presence(targets),
+        "presence_erased": erased.evaluation.mean_presence(targets),
+        "retention_base": warm.base.retention(targets),
+        "retention_erased": erased.evaluation.retention(targets),
         "erase_seconds": erased.seconds,
         "erase_cached": float(erased.cache != "miss"),
         "erase_distance": erased.distance,
-        "presence_images": warm.base.images.get(name, 0),
+        "presence_images": sum(warm.base.images.get(t, 0) for t in targets),  # over every erased concept
         **{f"{k}_base": v for k, v in warm.base_utility.items()},
     }
     rows = [("base", [warm.base.samples[n] for n in named]), ("erased", [erased.evaluation.samples[n] for n in named])]
@@ -445,13 +458,13 @@ def execute_trial(
     if rank0:
         reports.picture("erased")
 
-    ctx = data_context(trial, warm.model, concept_prompts=list(trial.spec.concept.prompts))
+    ctx = data_context(trial, warm.model, concept_prompts=target_prompts(trial))
     data = {
         choice: DATASETS.get(ds.name).obj(trial.components.datasets[choice], ctx)
         for choice, ds in dict(trial.spec.finetune.round_datasets()).items()
     }
     once["data_closeness"] = data_closeness(
-        warm.detector, [d.pixels for d in data.values()], warm.base.embeddings.get(name)
+        warm.detector, [d.pixels for d in data.values()], warm.base.mean_embedding(targets)
     )
     last = reports.metrics(0, erased.evaluation, float("nan"), model if rank0 else None, erased.utility)
     state = Resume.read(resume) if resume is not None else None

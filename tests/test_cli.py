@@ -57,6 +57,8 @@ BAD = [
     ({"search__mode": "up"}, "search.mode: Input should be 'max' or 'min'"),
     ({"finetune__eval_every": 1.5}, "finetune.eval_every: Input should be a valid integer"),
     ({"concept": DELETE}, "concept: Field required"),
+    ({"erase_count": 2}, "erase_count: 2 is more than the 1 concepts in concept"),
+    ({"concept": []}, "concept: give at least one concept to erase"),
     ({"concept__prompts": []}, "concept.prompts: List should have at least 1 item"),
     (
         {"finetune__dataset": {"name": "imagefolder", "config": {"path": "/no/such/dir"}}},

@@ -76,3 +76,34 @@ def test_control_trial_and_multi_round_relearning_attack(tmp_path):
     )
     assert [r["ft_step"] for r in reports] == [0, 2, 4, 6, 8]
     assert reports[0]["erase_distance"] == 0.0 and reports[0]["presence_erased"] == reports[0]["presence_base"]
+
+
+def test_mass_erasure_reports_the_mean_and_each_erased_concept(tmp_path):
+    """Several concepts erased at once (MACE): presence and resurgence are their mean, each one's own is
+    reported too, retention is over the concepts never erased; erase_count takes the first N, and the erase
+    cache keys on the whole erased set."""
+    from orchestrator.trial import concepts
+
+    pool = [
+        {"name": "circle", "prompts": ["a circle", "a drawing of a circle"]},
+        {"name": "star", "prompts": ["a star"]},
+        {"name": "ring", "prompts": ["a ring", "a gold ring"]},
+    ]
+    mace = {"erase": {"method": "mace", "config": {"steps": 2, "images": 2, "image_steps": 2}}}
+    data = {**SMOKE, **mace, "concept": pool, "cache_dir": str(tmp_path / "cache")}
+    fast = {k: v for k, v in FAST.items() if not k.startswith("erase.")}
+    trial = resolve(data, {**fast, "erase_count": 2})
+    assert [c.name for c in trial.spec.targets] == ["circle", "star"]
+    assert [c["name"] for c in trial.erase_content()["targets"]] == ["circle", "star"]
+    assert [c.name for c in concepts(trial)] == ["circle", "star", "square", "triangle"]
+    reports = []
+    execute_trial(trial, reports.append, tmp_path / "trial")
+    for r in reports:
+        mean = (r["presence.circle"] + r["presence.star"]) / 2
+        assert abs(r["presence"] - mean) < 1e-12 and "presence.ring" not in r
+        assert abs(r["resurgence"] - (r["presence"] - r["presence_erased"])) < 1e-12
+        gone = r["resurgence.circle"] + r["resurgence.star"]
+        assert abs(gone / 2 - r["resurgence"]) < 1e-12
+    assert reports[0]["presence_images"] == 3  # circle's two prompts and star's one, one image each
+    one = resolve(data, {**fast, "erase_count": 1})
+    assert one.erase_content() != trial.erase_content() and len(one.spec.targets) == 1

@@ -8,6 +8,7 @@ are compared on the same noise (common random numbers).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,22 @@ class Evaluation:
     images: dict[str, int] = field(default_factory=dict)  # concept name -> images judged (presence's n)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # concept -> detector class -> images
 
-    def retention(self, erased: str) -> float:
-        others = [v for k, v in self.presence.items() if k != erased]
+    def retention(self, erased: str | Collection[str]) -> float:
+        """Mean presence of the concepts not erased (nan when there are none)."""
+        gone = {erased} if isinstance(erased, str) else set(erased)
+        others = [v for k, v in self.presence.items() if k not in gone]
         return sum(others) / len(others) if others else float("nan")
+
+    def mean_embedding(self, names: Collection[str]) -> torch.Tensor | None:
+        """The mean of several concepts' mean embeddings (None without embeddings)."""
+        found = [self.embeddings.get(n) for n in names]
+        if not found or any(v is None for v in found):
+            return None
+        return torch.stack(found).mean(0)
+
+    def mean_presence(self, names: Collection[str]) -> float:
+        """Mean presence over several concepts (the erased set of a mass erasure)."""
+        return sum(self.presence[n] for n in names) / len(names)
 
 
 def jobs(concept: EvalConcept, cfg: EvalConfig) -> list[list[tuple[str, int, float]]]:
