@@ -458,15 +458,10 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
     if check is not None:
         try:
             check([(c.name, list(c.prompts)) for c in spec.targets])
-        except ValueError as err:
-            named = _NAMED.match(str(err))  # about a field of the method's config, or about the prompts
-            inner = getattr(erase, "inner", None)
-            fields = {f"erase.config.{k}" for k in type(erase).model_fields}
-            if inner is not None and inner() is not None:
-                fields |= {f"erase.config.method_config.{k}" for k in type(inner()).model_fields}
-            for field in sorted(fields):
-                if named and field.rsplit(".", 1)[1] == named.group(1):
-                    raise SpecError(f"{field}: {str(err)[named.end() :]}") from None
+        except ValueError as err:  # about a field of the method's config ("guide: ..."), or about the prompts
+            named = _NAMED.match(str(err))
+            if named:
+                raise SpecError(f"erase.config.{named.group(1)}: {str(err)[named.end() :]}") from None
             raise SpecError(f"concept.prompts: {err}") from None
     if done and old is not None and spec.finetune.config == old.finetune.config:
         finetune = done.finetune

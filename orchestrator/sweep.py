@@ -39,8 +39,9 @@ def open_parent(
     tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
     sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": concept_tag(spec)}
     sweep_tags["model"] = spec.model.name
-    if experiment.components.warnings():
-        sweep_tags["warnings"] = " | ".join(experiment.components.warnings())
+    warnings = experiment.components.warnings()
+    if warnings:
+        sweep_tags["warnings"] = " | ".join(warnings)
     found = []
     if look_first:
         tracker.flush()
@@ -67,8 +68,6 @@ def open_parent(
 def log_prompt_sets(tracker: Tracker, run_id: str, experiment: Experiment) -> None:
     """The prompt files the sweep evaluates on, as the parent run's MLflow dataset inputs (name, SHA-256
     digest, file, rows kept). Each trial run also carries them in its evaluator params."""
-    import json as _json
-
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     spec, utility = experiment.spec, experiment.components.utility
@@ -83,8 +82,8 @@ def log_prompt_sets(tracker: Tracker, run_id: str, experiment: Experiment) -> No
             name=f"{record['file']} ({role})",
             digest=record["sha256"][:32],
             source_type="local",
-            source=_json.dumps({"uri": os.path.abspath(os.path.expanduser(prompts.path))}),
-            profile=_json.dumps(profile),
+            source=json.dumps({"uri": os.path.abspath(os.path.expanduser(prompts.path))}),
+            profile=json.dumps(profile),
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "evaluation")]))
     if inputs:

@@ -43,7 +43,6 @@ from methods.evaluation.pictures import save_grid
 from methods.evaluation.presence import (
     EvalConcept,
     Evaluation,
-    Prompt,
     data_closeness,
     evaluate,
     load_evaluation,
@@ -114,8 +113,7 @@ def eval_concepts(trial: ResolvedTrial) -> list[EvalConcept]:
     """The same concepts as evaluation draws them: their prompt sets' rows (own seeds and guidance) where the
     spec gives one, else their prompts."""
     return [
-        EvalConcept(c.name, c.prompt_set.prompts() if c.prompt_set else [Prompt(p) for p in c.prompts])
-        for c in trial.spec.concepts
+        EvalConcept(c.name, c.prompt_set.prompts() if c.prompt_set else list(c.prompts)) for c in trial.spec.concepts
     ]
 
 

@@ -139,7 +139,7 @@ class ClipZeroShot:
     def scores(self, images: torch.Tensor, names: list[str]) -> torch.Tensor:
         """(B, len(names)) softmax probabilities of each name (CLIP's logit scale, as in zero-shot ImageNet)."""
         logits = self.model.logit_scale.exp().cpu() * (self.embed(images) @ self._head(names))
-        return logits.softmax(dim=-1).cpu()
+        return logits.softmax(dim=-1)
 
     def detect(self, images: torch.Tensor, concepts: list[str]) -> Detection:
         prob = self.scores(images, list(concepts) + [n for n in self.neutral if n not in concepts])

@@ -108,7 +108,12 @@ class MetaConfig(BaseModel):
         """The wrapped method's own check of the concepts it erases, if it has one."""
         check = getattr(self._inner, "check_targets", None)
         if check is not None:
-            check(targets)
+            try:
+                check(targets)
+            except ValueError as err:  # a field of the wrapped config is method_config's
+                field, sep, rest = str(err).partition(": ")
+                named = sep and field in type(self._inner).model_fields
+                raise ValueError(f"method_config.{field}: {rest}" if named else str(err)) from None
 
     def warnings(self) -> list[str]:
         """Settings that run but do nothing the user may think they do."""

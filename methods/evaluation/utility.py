@@ -46,19 +46,19 @@ class ClipScoreConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> ClipScoreConfig:
-        from methods.detectors.clip import ClipConfig
-
-        ClipConfig(model=self.model, pretrained=self.pretrained)  # the same checks as the detector's
+        self.clip()  # the same checks as the clip detector's
         return self
 
+    def clip(self) -> Any:
+        """The open_clip model as the clip detector's config (methods.detectors.clip.ClipConfig)."""
+        from methods.detectors.clip import ClipConfig
+
+        return ClipConfig(model=self.model, pretrained=self.pretrained, seed=self.seed)
+
     def record(self) -> dict[str, Any]:
-        p = self.pretrained
-        path = os.path.expanduser(p) if p is not None else ""
-        weights = "random" if p is None else (f"sha256:{file_sha256(path)}" if os.path.isfile(path) else p)
+        model = {k: v for k, v in self.clip().record().items() if k in ("package", "model", "weights")}
         return {
-            "package": f"open_clip_torch=={package_version('open_clip_torch')}",
-            "model": self.model,
-            "weights": weights,
+            **model,
             "images": len(self.prompts.prompts()) * self.images_per_prompt,
             "prompts": self.prompts.record(),
         }
@@ -180,10 +180,9 @@ class Utility:
         self.clip = self.fid_net = None
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
         if cfg.clip_score is not None:
-            from methods.detectors.clip import ClipConfig, ClipZeroShot
+            from methods.detectors.clip import ClipZeroShot
 
-            c = cfg.clip_score
-            self.clip = ClipZeroShot(ClipConfig(model=c.model, pretrained=c.pretrained, seed=c.seed), device)
+            self.clip = ClipZeroShot(cfg.clip_score.clip(), device)
         if cfg.fid is not None:
             if cfg.fid.weights is None:
                 net = fid_inception(seed=cfg.fid.seed)
