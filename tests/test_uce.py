@@ -25,7 +25,7 @@ def test_uce_is_the_least_squares_edit(tiny_sd, tiny_sdxl, family, tokens):
     )
     cfg = uce.UCEConfig(guide="a photo", tokens=tokens, lamb=0.01)
     result = uce.erase(model, request, cfg)
-    c_e, c_g = uce._pairs(model, request.prompts, cfg.guide, tokens)
+    c_e, c_g = uce._pairs(model, cfg.erased_pairs(request), tokens)
     c_p = uce._preserved(model, ["a square", "a blue square"], tokens)
     after = _kv(model)
     for name, w_old in before.items():
@@ -96,3 +96,65 @@ def test_uce_weights_are_eq7_computed_here(tiny_sd):
         m1 = lamb * w_old + a * targets.T @ c_e + b * (c_p @ w_old.T).T @ c_p
         want = torch.linalg.solve(m2, m1.T).T  # M1 M2^-1 (M2 is symmetric)
         assert torch.allclose(edited[name].weight.float(), want, atol=1e-5, rtol=1e-4), name
+
+
+def test_uce_paper_era_recipe_is_eq7_over_aligned_tokens(tiny_sd):
+    """The paper-era recipe (train_erase.py; preset uce-paper) computed here: the bare names are erased, each
+    towards its own guide, with every token from the name's last sub-word on aligned to the guide's from its
+    last sub-word on; "" and the others are preserved over all their tokens with b = max(0.1, 1 / 2) = 0.5."""
+    model = tiny_sd
+    tok, encoder = model.pipe.tokenizer, model.pipe.text_encoder
+    names, guides, keep = ["circle", "red square"], ["a photo", "sky"], ["a bar"]
+
+    @torch.no_grad()
+    def hidden(prompts):
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        return encoder(ids)[0].float()  # (N, L, D)
+
+    length = tok.model_max_length
+    olds, news = [], []
+    for name, guide in zip(names, guides, strict=True):
+        i_o, i_n = len(tok(name).input_ids) - 2, len(tok(guide).input_ids) - 2
+        far = max(i_o, i_n)
+        olds.append(hidden([name])[0, i_o : length - (far - i_o)])
+        news.append(hidden([guide])[0, i_n : length - (far - i_n)])
+    c_e, c_g = torch.cat(olds), torch.cat(news)
+    c_p = hidden(["", *keep]).flatten(0, 1)
+    lamb, a, b = 0.5, 1.0, 0.5
+    kv = {n: m.weight.detach().float().clone() for n, m in xattn.kv_projections(model).items()}
+    request = EraseRequest(
+        targets=[Concept("circle", ["a circle"]), Concept("red square", ["a red square"])],
+        preserve=[Concept("bar", keep)],
+    )
+    cfg = uce.UCEConfig(preset="uce-paper", guide=guides)
+    assert cfg.tokens == "all" and cfg.preserve_scale == "auto" and cfg.inputs == "names" and cfg.preserve_empty
+    uce.erase(model, request, cfg)
+    edited = xattn.kv_projections(model)
+    d = c_e.shape[1]
+    m2 = lamb * torch.eye(d, dtype=torch.float64) + a * (c_e.T @ c_e).double() + b * (c_p.T @ c_p).double()
+    for name, w_old in kv.items():
+        m1 = lamb * w_old + a * (c_g @ w_old.T).T @ c_e + b * (c_p @ w_old.T).T @ c_p
+        want = torch.linalg.solve(m2, m1.double().T).T.float()
+        got = edited[name].weight.float()
+        moved = (want - w_old).norm()
+        assert moved > 1e-2 * w_old.norm(), name  # the edit is not a no-op
+        assert (got - want).norm() < 1e-3 * moved, (name, float((got - want).norm() / moved))
+    # one guide per concept: swapping them is a different edit
+    for name, w in kv.items():
+        edited[name].weight.data.copy_(w)
+    uce.erase(model, request, uce.UCEConfig(preset="uce-paper", guide=list(reversed(guides))))
+    assert any(not torch.allclose(edited[n].weight.float(), w, atol=1e-3) for n, w in kv.items())
+
+
+def test_uce_templates_and_guide_count():
+    """--expand_prompts: the name and five templates, the guide templated the same way; a guide list must have
+    one guide per erased concept."""
+    request = EraseRequest(targets=[Concept("ship", ["a ship"]), Concept("car", ["a car"])])
+    pairs = uce.UCEConfig(preset="uce-object").erased_pairs(request)
+    assert pairs[:2] == [("ship", ""), ("image of ship", "image of ")] and len(pairs) == 12
+    art = uce.UCEConfig(preset="uce-art").erased_pairs(EraseRequest(targets=[Concept("Monet", ["x"])]))
+    assert ("style of Monet", "style of art") in art
+    with pytest.raises(ValueError, match="guide: 3 guides for 2"):
+        uce.UCEConfig(guide=["a", "b", "c"]).check_targets([("ship", []), ("car", [])])
+    with pytest.raises(ValueError, match="names the erased concept 'car'"):
+        uce.UCEConfig(guide=["boat", "a red car"]).check_targets([("ship", []), ("car", [])])

@@ -15,15 +15,23 @@ Three stages, all on the cross-attention key/value projections W (attn2.to_k / t
        W = (sum_i sum (W_i c) c^T + s_f K1 + lamb W_cfr) (sum_i sum c c^T + s_f K2 + lamb I)^-1.
 
 Defaults are the official object configuration (configs/object/erase_ship.yaml): mapping "ground",
-lamb 1e3, lr 1e-5, 50 steps, rank 1, preserve scales 0. Celebrities use mapping "a person", lamb 0,
-lr 1e-4 and preserve scales 1e-4 (with COCO and celebrity caches).
+lamb 1e3, lr 1e-5, 50 steps, rank 1, preserve scales 0. The official celebrity, explicit-content and style
+recipes are presets (`preset: mace-celebrity`, ...; docs/recipes.md lists their values and files).
+
+Preservation as the official code builds it (src/cfr_lora_training.py, src/fuse_lora_close_form.py): the
+cache is (prior) + preserve_weight * (domain), where the prior cache sums every token of a large caption set
+(COCO: src/cache_coco.py; here the captions file `prior`, read at validation) and the domain cache the
+concepts of the same kind to keep (here the experiment's other concepts and `preserve`). Stage 3 adds the
+cache times `fuse_preserve_scale`. Stage 1 adds it times `train_preserve_scale` *squared*: the official
+stage 1 scales the cache before passing it to a solve that scales it again, and its published scales (1e-4
+for celebrities) are tuned with that; `train_scale_squared: false` applies the scale once.
 
 Deviations from the official code (Shilin-LU/MACE), each for a reason:
-- The preservation cache is built from the experiment's other concepts' prompts plus `preserve` (COCO
-  captions are not available offline); the official celebrity/art caches come as downloaded files.
-- Stage 1 scales the cache by `train_preserve_scale` once (the official code multiplies it in twice).
-- The prompts are the concept's own prompts (the official code puts the name in 30 templates).
-- Concept images are drawn by the base model from the concept's prompts (official: "a photo of the {c}",
+- The prior cache is computed from a captions file when the erasure runs (the official caches ship as
+  pickled .pt files, which this project does not load); `prior.sample` bounds its cost.
+- The erase prompts are the concept's own prompts, or the official 30 templates (`templates: object` or
+  `style`); the GPT-written captions of `use_gpt` are not reproduced.
+- Concept images are drawn by the base model from the concept's prompts (official: generated beforehand,
   8 images) unless a folder is given; without a mask folder every pixel counts (official without
   GroundedSAM). LoRA layers are small forward hooks here, not diffusers' attention processors.
 """
@@ -32,26 +40,103 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from methods.erasers import xattn
 from methods.erasers.base import METHODS, Concept, EraseRequest, EraseResult, Method, concept_pixels
+from methods.erasers.mace_templates import TEMPLATES
+from methods.evaluation.prompts import PromptSetConfig
 from methods.models import DiffusionModel
+from methods.presets import Preset, Presets
+
+_FILES = "Shilin-LU/MACE configs/"
+_ALL_CONCEPTS = "src/cfr_lora_training.py, src/fuse_lora_close_form.py"
 
 
-class MACEConfig(BaseModel):
+class MACEConfig(Presets):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    PRESETS = {
+        "mace-object": Preset(
+            {
+                "mapping": "ground",
+                "lamb": 1e3,
+                "lr": 1e-5,
+                "steps": 50,
+                "train_preserve_scale": 0.0,
+                "fuse_preserve_scale": 0.0,
+                "preserve_weight": 0.0,
+                "templates": "object",
+                "importance_sampling": True,
+            },
+            _FILES + "object/erase_ship.yaml",
+            note="bird and automobile use lamb 1e1 (erase_bird.yaml, erase_automobile.yaml)",
+        ),
+        "mace-celebrity": Preset(
+            {
+                "mapping": "a person",
+                "lamb": 0.0,
+                "lr": 1e-4,
+                "steps": 50,
+                "train_preserve_scale": 1e-4,
+                "fuse_preserve_scale": 1e-4,
+                "preserve_weight": 8e4,
+                "templates": "object",
+                "importance_sampling": True,
+            },
+            _FILES + "celebrity/erase_cele_{1,5,10,100}.yaml",
+            needs=("prior",),
+            note="prior: a COCO captions file (official cache_coco.pt); domain: the other celebrities",
+        ),
+        "mace-explicit": Preset(
+            {
+                "mapping": "a person wearing clothes",
+                "lamb": 0.0,
+                "lr": 1e-5,
+                "steps": 120,
+                "train_preserve_scale": 7e-7,
+                "fuse_preserve_scale": 7e-7,
+                "preserve_weight": 0.0,
+                "templates": "object",
+                "importance_sampling": False,
+            },
+            _FILES + "explicit_content/erase_explicit_content.yaml",
+            needs=("prior",),
+            note="the official concept list is nudity, naked, erotic, sexual (a spec's concept list)",
+        ),
+        "mace-style": Preset(
+            {
+                "mapping": "art",
+                "lamb": 0.0,
+                "lr": 1e-4,
+                "steps": 50,
+                "train_preserve_scale": 1e-4,
+                "fuse_preserve_scale": 1e-4,
+                "preserve_weight": 8e4,
+                "templates": "style",
+                "importance_sampling": True,
+            },
+            _FILES + "art/erase_art_100.yaml",
+            needs=("prior",),
+            note="prior: a COCO captions file (official cache_coco.pt); domain: the other artists",
+        ),
+    }
 
     mapping: str = "ground"  # mapping concept (official object config; "a person" for celebrities)
     lamb: float = Field(1e3, ge=0)  # ridge towards the previous weights (objects 1e1..1e3, celebrities 0)
     train_preserve_scale: float = Field(0.0, ge=0)  # cache weight in stage 1 (objects 0, celebrities 1e-4)
     fuse_preserve_scale: float = Field(0.0, ge=0)  # cache weight in stage 3 (objects 0, celebrities 1e-4)
-    preserve_others: bool = True  # the experiment's other concepts go into the preservation cache
-    preserve: list[str] = Field(default_factory=list)  # more prompts for the cache
+    train_scale_squared: bool = True  # stage 1 weighs the cache by train_preserve_scale**2 (the official code)
+    preserve_others: bool = True  # the experiment's other concepts go into the domain cache
+    preserve: list[str] = Field(default_factory=list)  # more prompts for the domain cache
+    preserve_weight: float = Field(1.0, ge=0)  # the domain cache's weight beside the prior (official 8e4 or 0)
+    prior: PromptSetConfig | None = None  # captions whose every token makes the prior cache (official: COCO)
+    templates: Literal["none", "object", "style"] = "none"  # none: the concept's prompts; else the official 30
     rank: int = Field(1, ge=1)  # LoRA rank (official 1)
     lr: float = Field(1e-5, gt=0)  # AdamW learning rate of each LoRA (objects 1e-5, celebrities 1e-4)
     steps: int = Field(50, ge=0)  # optimizer steps per concept (official 50); 0 skips stages 2-3
@@ -65,6 +150,8 @@ class MACEConfig(BaseModel):
     def check_targets(self, targets: list[tuple[str, list[str]]]) -> None:
         """Stage 1 replaces the concept's name in each prompt by `mapping` (a case-sensitive replace, as the
         official code): a prompt without the name would map its tokens to themselves, a silent no-op."""
+        if self.templates != "none":
+            return  # the templates hold the name
         for name, prompts in targets:
             for prompt in prompts:
                 if name not in prompt:
@@ -109,15 +196,38 @@ def mapped_prompt(prompt: str, concept: str, mapping: str) -> str:
 
 @torch.no_grad()
 def preservation_cache(
-    model: DiffusionModel, prompts: list[str], projections: dict[str, torch.nn.Linear]
+    model: DiffusionModel, prompts: list[str], projections: dict[str, torch.nn.Linear], chunk: int = 256
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per projection: (K1, K2) = (sum (W c) c^T, sum c c^T) over every token of `prompts`, with the
-    current (original) weights."""
-    if not prompts:
-        return {}
-    c = xattn.embeddings(model, prompts).flatten(0, 1)  # (N*L, D)
-    k2 = c.T @ c
-    return {name: ((c @ p.weight.float().T).T @ c, k2) for name, p in projections.items()}
+    current (original) weights; summed `chunk` prompts at a time (a COCO-sized prior fits in memory)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start in range(0, len(prompts), chunk):
+        c = xattn.embeddings(model, prompts[start : start + chunk]).flatten(0, 1)  # (n*L, D)
+        k2 = c.T @ c
+        for name, p in projections.items():
+            k1 = (c @ p.weight.float().T).T @ c
+            out[name] = (k1, k2) if name not in out else (out[name][0] + k1, out[name][1] + k2)
+    return out
+
+
+def combined_cache(
+    prior: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    domain: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    weight: float,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """prior + weight * domain, per projection (the official cache_dict before the stage's scale)."""
+    out = dict(prior)
+    for name, (k1, k2) in domain.items():
+        p1, p2 = out.get(name, (0.0, 0.0))
+        out[name] = (p1 + weight * k1, p2 + weight * k2)
+    return out
+
+
+def with_templates(concept: Concept, cfg: MACEConfig) -> Concept:
+    """The concept with its erase prompts: its own, or the official templates filled with its name."""
+    if cfg.templates == "none":
+        return concept
+    return Concept(concept.name, [t.format(concept.name) for t in TEMPLATES[cfg.templates]])
 
 
 @torch.no_grad()
@@ -144,7 +254,8 @@ def closed_form_refinement(
         w = proj.weight.float()
         m1, m2 = (c_new @ w.T).T @ c + cfg.lamb * w, s2 + cfg.lamb * eye
         if name in cache:
-            m1, m2 = m1 + cfg.train_preserve_scale * cache[name][0], m2 + cfg.train_preserve_scale * cache[name][1]
+            scale = cfg.train_preserve_scale**2 if cfg.train_scale_squared else cfg.train_preserve_scale
+            m1, m2 = m1 + scale * cache[name][0], m2 + scale * cache[name][1]
         proj.weight.copy_(xattn.ridge_solve(m1, m2).to(proj.weight.dtype))
 
 
@@ -286,12 +397,15 @@ def erase(model: DiffusionModel, request: EraseRequest, cfg: MACEConfig) -> Eras
     model.requires_grad_(False)
     projections = xattn.kv_projections(model)
     keep = [p for c in request.preserve for p in c.prompts] if cfg.preserve_others else []
-    cache = preservation_cache(model, keep + list(cfg.preserve), projections)
-    closed_form_refinement(model, request.targets, cfg, projections, cache)
+    domain = preservation_cache(model, keep + list(cfg.preserve), projections)
+    prior = preservation_cache(model, [p.text for p in cfg.prior.prompts], projections) if cfg.prior else {}
+    cache = combined_cache(prior, domain, cfg.preserve_weight)
+    targets = [with_templates(c, cfg) for c in request.targets]
+    closed_form_refinement(model, targets, cfg, projections, cache)
     losses: list[float] = []
     if cfg.steps > 0:
-        deltas = [train_lora(model, request, c, i, cfg, projections, losses) for i, c in enumerate(request.targets)]
-        fuse(model, request.targets, deltas, cfg, projections, cache)
+        deltas = [train_lora(model, request, c, i, cfg, projections, losses) for i, c in enumerate(targets)]
+        fuse(model, targets, deltas, cfg, projections, cache)
     return EraseResult(trained=[f"{n}.weight" for n in projections], losses=losses)
 
 
