@@ -14,7 +14,10 @@ The zero-shot variant replaces the images' latents with uniform random latents (
 Defaults are the official train.py's: Adam lr 1e-5, betas (0.9, 0.98), eps 1e-6, weight decay 1e-8,
 batch 2, 5 epochs over 4 images (10 steps). Deviations: the random horizontal flip is drawn once per image
 as in the official dataset, but from a seeded generator; `templates: concept` uses the concept's own prompts
-(useful where the model only knows its own captions, as in the toy world).
+(useful where the model only knows its own captions, as in the toy world). The paper's premise is a few
+*real* images (train.py reads every image of its --data folder): preset `fewshot` needs `image_folder`, and a
+config that lets the base model draw the images runs with a warning. Images are resized on the short side
+and centre-cropped; train.py squashes them to 512 x 512 (the same for square photos).
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method, concept_pixels, run_objective
 from methods.models import DiffusionModel
+from methods.presets import Preset, Presets
 
 # Textual Inversion's templates, as the official code uses them (27 object, 19 style).
 OBJECT_TEMPLATES = [
@@ -53,8 +57,30 @@ STYLE_TEMPLATES = [
 Subset = Literal["mlp-final-attn", "all", "mlp-only", "attn-only", "mlp-attn"]
 
 
-class FewShotConfig(BaseModel):
+class FewShotConfig(Presets):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    PRESETS = {
+        "fewshot": Preset(
+            {
+                "subset": "mlp-final-attn",
+                "lr": 1e-5,
+                "beta1": 0.9,
+                "beta2": 0.98,
+                "eps": 1e-6,
+                "weight_decay": 1e-8,
+                "batch_size": 2,
+                "epochs": 5,
+                "images": 4,
+                "templates": "object",
+                "zero_shot": False,
+                "flip": True,
+            },
+            "fmp453/few-shot-erasing train.py, utils.py, data.py",
+            needs=("image_folder",),
+            note="train.py takes every image of the folder (the README's example has 4); here the first `images`",
+        ),
+    }
 
     subset: Subset = "mlp-final-attn"  # which text-encoder weights train (paper's choice)
     lr: float = Field(1e-5, gt=0)  # Adam (official)
@@ -71,6 +97,14 @@ class FewShotConfig(BaseModel):
     templates: Literal["object", "style", "concept"] = "object"  # prompt templates (concept: its own prompts)
     zero_shot: bool = False  # random latents instead of images (the paper's zero-shot variant)
     flip: bool = True  # random horizontal flip, drawn once per image (official)
+
+    def warnings(self) -> list[str]:
+        if self.image_folder is None and not self.zero_shot:
+            return [
+                "the concept's images are drawn by the base model, not real photos (the method's premise is a few "
+                "real images): give image_folder"
+            ]
+        return []
 
     @field_validator("image_folder")
     @classmethod

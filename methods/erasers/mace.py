@@ -160,6 +160,14 @@ class MACEConfig(Presets):
                         "does not contain it (case matters): that prompt would change nothing"
                     )
 
+    def warnings(self) -> list[str]:
+        if self.lamb == 0 and self.prior is None:
+            return [
+                "lamb 0 without a prior cache: the closed-form solves rest on the preserved prompts alone and are "
+                "ill-posed when those are few (the official lamb-0 recipes add COCO captions): give prior or lamb > 0"
+            ]
+        return []
+
     @field_validator("image_folder", "mask_folder")
     @classmethod
     def _is_dir(cls, v: str | None) -> str | None:

@@ -17,10 +17,14 @@ code does. Optimisation-based methods (ESD, few-shot) contribute their loss and 
 every outer step; closed-form ones (UCE, MACE) run first and the meta steps start from their result
 (official meta.py), training `trainable` with AdamW.
 
-Defaults: the official script's (lr 1e-5, batch 10, gamma1_1 0.1, gamma1_2 0.01, gamma2_* 0.01 (the script
-passes gamma2_1 three times, so two of them silently stay 1.0; we take the intended 0.01), inner lr = outer
-lr, one epoch of the 30 harmful training images = 3 inner steps). The sets are images the base model
-draws from prompt lists (30 train + 30 test per set officially), cached, or imagefolders.
+Defaults: the official script's (lr 1e-5, batch 10, gamma1_1 0.1, gamma1_2 0.01, inner lr = outer lr, one
+epoch of the 30 harmful training images = 3 inner steps), with the gamma2 values it appears to intend:
+scripts/esd_meta.sh passes `--gamma2_1 0.1 --gamma2_1 0.1 --gamma2_1 0.01`, so as run gamma2_1 = 0.01 and
+gamma2_2 = gamma2_3 keep their argparse default 1.0; read in order the three flags say 0.1 / 0.1 / 0.01,
+the defaults here. Both readings are presets (`meta-nudity-as-run`, `meta-nudity`), with the official ESD
+inside (`esd-meta`: eta 3, the whole UNet, x_t from the student, AdamW) and the official nudity sets
+(harmful "nudity", related "woman", unrelated "a lovely dog", 30 + 30 images each; src/gen_images.py).
+The sets are images the base model draws from prompt lists, cached, or imagefolders.
 """
 
 from __future__ import annotations
@@ -37,6 +41,25 @@ from methods.datasets.base import CaptionedImages
 from methods.datasets.imagefolder import ImageFolderConfig, image_folder
 from methods.erasers.base import METHODS, EraseRequest, EraseResult, Method, concept_images
 from methods.models import DiffusionModel
+from methods.presets import Preset, Presets
+
+_SETS = {
+    "image_steps": 50,
+    "image_guidance": 7.5,
+    "outer_steps": 1500,
+    "lr": 1e-5,
+    "batch_size": 10,
+    "inner_steps": 3,
+    "inner_lr": 1e-5,
+    "weight_decay": 1e-4,
+    "max_grad_norm": 1.0,
+    "method": "esd",
+    "method_config": {"preset": "esd-meta"},
+    "harmful": {"images_per_prompt": 30},
+    "related": {"prompts": ["woman"], "images_per_prompt": 30},
+    "unrelated": {"prompts": ["a lovely dog"], "images_per_prompt": 30},
+}
+_SCRIPT = "sail-sg/Meta-Unlearning scripts/esd_meta.sh, src/esd_meta.py, src/gen_images.py"
 
 
 class ImageSet(BaseModel):
@@ -56,8 +79,21 @@ class ImageSet(BaseModel):
         return v
 
 
-class MetaConfig(BaseModel):
+class MetaConfig(Presets):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    PRESETS = {
+        "meta-nudity-as-run": Preset(
+            {**_SETS, "gamma1_1": 0.1, "gamma1_2": 0.01, "gamma2_1": 0.01, "gamma2_2": 1.0, "gamma2_3": 1.0},
+            _SCRIPT,
+            note="the gammas the script runs: its three --gamma2_1 flags leave gamma2_2 and gamma2_3 at 1.0",
+        ),
+        "meta-nudity": Preset(
+            {**_SETS, "gamma1_1": 0.1, "gamma1_2": 0.01, "gamma2_1": 0.1, "gamma2_2": 0.1, "gamma2_3": 0.01},
+            _SCRIPT,
+            note="the gammas the script's flags appear to intend (0.1, 0.1, 0.01 in order)",
+        ),
+    }
 
     method: str = "esd"  # the eraser wrapped (any registered method but meta itself)
     method_config: dict[str, Any] = Field(default_factory=dict)  # its config, checked by its own class
@@ -71,8 +107,8 @@ class MetaConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0)  # clipping of inner and outer steps (official)
     gamma1_1: float = Field(0.1, ge=0)  # unrelated set at theta (retain what is not the concept)
     gamma1_2: float = Field(0.01, ge=0)  # related set at theta
-    gamma2_1: float = Field(0.01, ge=0)  # harmful test set at theta' (relearning must not succeed)
-    gamma2_2: float = Field(0.01, ge=0)  # related set at theta' (relearning breaks related concepts)
+    gamma2_1: float = Field(0.1, ge=0)  # harmful test set at theta' (relearning must not succeed)
+    gamma2_2: float = Field(0.1, ge=0)  # related set at theta' (relearning breaks related concepts)
     gamma2_3: float = Field(0.01, ge=0)  # unrelated set at theta'
     harmful: ImageSet = ImageSet()  # default: the erased concepts' prompts
     related: ImageSet = ImageSet()  # default: none (its gamma terms then contribute nothing)
@@ -117,14 +153,16 @@ class MetaConfig(BaseModel):
 
     def warnings(self) -> list[str]:
         """Settings that run but do nothing the user may think they do."""
+        inner = getattr(self._inner, "warnings", None)
+        found = [f"method_config: {w}" for w in inner()] if inner is not None else []
         related = [g for g in ("gamma1_2", "gamma2_2") if getattr(self, g)]
         if related and not (self.related.prompts or self.related.folder):
-            return [
+            found.append(
                 f"the related set is empty, so {' and '.join(related)} act on nothing: the related concepts "
                 "that should break when the erased one is relearned (the method's second half) are off; "
                 "give related.prompts (the official nudity recipe uses 'woman') or set them to 0"
-            ]
-        return []
+            )
+        return found
 
 
 Batches = list[tuple[torch.Tensor, list[str]]]  # (pixels (B, 3, R, R) in [-1, 1], captions)
