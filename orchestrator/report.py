@@ -690,9 +690,17 @@ def _html(
     ]
     if ranked:
         with_candidate = any(r["candidate"] is not None for r in rows)
-        header = ["#", "trial", "status", f"final {OBJECTIVE}"] + (["candidate"] if with_candidate else []) + searched
+        # several erased concepts: each one's own final resurgence beside the mean
+        each = sorted({k for r in rows for k, v in r.items() if k.startswith("resurgence.") and v is not None})
+        header = (
+            ["#", "trial", "status", f"final {OBJECTIVE}"]
+            + [f"final {k}" for k in each]
+            + (["candidate"] if with_candidate else [])
+            + searched
+        )
         body = [
             [i, r["trial_id"], r["status"], r[f"final.{OBJECTIVE}"]]
+            + [r.get(k) for k in each]
             + ([r["candidate"]] if with_candidate else [])
             + [r[p] for p in searched]
             for i, r in enumerate(ranked[:BEST_SHOWN], 1)

@@ -43,6 +43,19 @@ class ConceptSpec(_Strict):
     # Evaluation prompts from a file instead (I2P's CSV, with per-prompt seeds and guidance; the file is read
     # and checked when the spec is: methods.evaluation.prompts.PromptSetConfig). Erasure still uses prompts.
     prompt_set: PromptSetConfig | None = None
+    # Other names of the concept, erased with it: each is erased as a concept of its own (MACE trains a LoRA
+    # for each, as its explicit-content recipe does for nudity, naked, erotic, sexual), its prompts the
+    # concept's with the name replaced by the synonym (the bare synonym where no prompt holds the name).
+    # Presence is still judged by the concept's name, on the concept's evaluation prompts.
+    synonyms: list[str] = Field(default_factory=list)
+
+    def erased(self) -> list[tuple[str, list[str]]]:
+        """(name, prompts) for the concept and each of its synonyms: what an eraser receives."""
+        out = [(self.name, list(self.prompts))]
+        for other in self.synonyms:
+            named = [p.replace(self.name, other) for p in self.prompts if self.name in p]
+            out.append((other, named or [other]))
+        return out
 
 
 class EraseSpec(_Strict):
@@ -239,6 +252,9 @@ class ExperimentSpec(_Strict):
         names = [c.name for c in every] + [c.name for c in self.others]
         if len(set(names)) != len(names):
             raise ValueError("others: concept names must be distinct from each other and from concept.name")
+        synonyms = [s for c in every for s in c.synonyms]
+        if len(set(synonyms)) != len(synonyms) or set(synonyms) & set(names):
+            raise ValueError("concept.synonyms: a synonym must differ from every concept name and from other synonyms")
         scheduler = self.search.scheduler
         metric = scheduler.metric if scheduler and scheduler.metric else self.search.metric
         if metric == "resurgence_proxy" and self.evaluate.proxy is None:
@@ -292,8 +308,8 @@ def _format(err: ValidationError, prefix: str = "", data: Any = None) -> str:
     loc = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "" and not _is_tag(p))
     msg = first["msg"].removeprefix("Value error, ")
     named = _NAMED.match(msg)  # a model's own check that names its field ("path: ...") extends the path
-    if named and loc:
-        loc, msg = f"{loc}.{named.group(1)}", msg[named.end() :]
+    if named:
+        loc, msg = f"{loc}.{named.group(1)}" if loc else named.group(1), msg[named.end() :]
     got = first.get("input")
     if first["type"] not in ("missing",) and not isinstance(got, dict | list) and got is not None:
         msg += f" (got {got!r})"
@@ -457,7 +473,7 @@ def components(spec: ExperimentSpec, like: Experiment | None = None) -> Componen
     check = getattr(erase, "check_targets", None)  # a method that needs something of the concepts' prompts
     if check is not None:
         try:
-            check([(c.name, list(c.prompts)) for c in spec.targets])
+            check([pair for c in spec.targets for pair in c.erased()])
         except ValueError as err:  # about a field of the method's config ("guide: ..."), or about the prompts
             named = _NAMED.match(str(err))
             if named:

@@ -100,8 +100,14 @@ _WARM: dict[str, Warm] = {}  # per worker process, keyed by what determines it
 
 
 def concepts(trial: ResolvedTrial) -> list[Concept]:
-    """The erased concept first, then the others: what erasure reads."""
+    """The erased concept first, then the others: what is evaluated."""
     return [Concept(c.name, list(c.prompts)) for c in trial.spec.concepts]
+
+
+def erase_request_concepts(trial: ResolvedTrial) -> tuple[list[Concept], list[Concept]]:
+    """What the eraser reads: the erased concepts with their synonyms, and the others to preserve."""
+    targets = [Concept(name, prompts) for c in trial.spec.targets for name, prompts in c.erased()]
+    return targets, [Concept(c.name, list(c.prompts)) for c in trial.spec.others]
 
 
 def target_prompts(trial: ResolvedTrial) -> list[str]:
@@ -180,9 +186,9 @@ def warm_state(trial: ResolvedTrial, cache: EraseCache | None = None) -> Warm:
 def _erase(trial: ResolvedTrial, warm: Warm, folder: Path | None) -> tuple[DiffusionModel, float]:
     """Erase the concept from a copy of the base model (and store what changed in `folder`)."""
     model = copy.deepcopy(warm.model)
-    named, n = concepts(trial), len(trial.spec.targets)
+    targets, preserve = erase_request_concepts(trial)
     request = EraseRequest(
-        targets=named[:n], preserve=named[n:], seed=trial.spec.seed, data=data_context(trial, warm.model)
+        targets=targets, preserve=preserve, seed=trial.spec.seed, data=data_context(trial, warm.model)
     )
     start = time.perf_counter()
     METHODS.get(trial.spec.erase.method).obj.erase(model, request, trial.components.erase)

@@ -1,5 +1,6 @@
 """Bad input: a one-line error naming the field, exit code 2, before Ray starts, and no MLflow run."""
 
+import json
 import os
 import subprocess
 import sys
@@ -391,3 +392,65 @@ def test_silent_no_ops_are_refused_or_warned(tmp_path, capsys):
     for erase in (related, off):
         assert main(["validate", str(_spec(tmp_path, erase=erase))]) == 0
         assert "warning" not in capsys.readouterr().err
+
+
+def test_presets_fill_official_recipes_and_refuse_what_they_lack(tmp_path, capsys):
+    """`preset:` names an official recipe; an unknown name, or a recipe without what only the user can give
+    (MACE's COCO captions, few-shot's real images), is refused in one line naming the field."""
+    refused = [
+        ({"method": "mace", "config": {"preset": "mace-ship"}}, "erase.config.preset: unknown recipe 'mace-ship' "),
+        ({"method": "mace", "config": {"preset": "mace-celebrity"}}, "erase.config.prior: the mace-celebrity recipe"),
+        ({"method": "fewshot", "config": {"preset": "fewshot"}}, "erase.config.image_folder: the fewshot recipe"),
+        (
+            {"method": "meta", "config": {"preset": "meta-nudity", "method_config": {"preset": "esd-y"}}},
+            "erase.config.method_config.preset: unknown recipe 'esd-y'",
+        ),
+    ]
+    for erase, want in refused:
+        assert main(["validate", str(_spec(tmp_path, erase=erase))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"resurgence: error: {want}") and "\n" not in err, err
+    coco = tmp_path / "captions.json"
+    coco.write_text(json.dumps({"annotations": [{"caption": "a dog on a sofa"}, {"caption": "two buses"}]}))
+    for erase in (
+        {"method": "mace", "config": {"preset": "mace-celebrity", "prior": {"path": str(coco)}}},
+        {"method": "uce", "config": {"preset": "uce-paper"}},
+        {"method": "esd", "config": {"preset": "esd-sdxl", "iterations": 3}},
+    ):
+        assert main(["validate", str(_spec(tmp_path, erase=erase))]) == 0, capsys.readouterr().err
+
+
+def test_synonyms_are_erased_with_their_concept(tmp_path, capsys):
+    """A synonym is erased as a concept of its own with the concept's prompts renamed (or bare); it may not
+    repeat a concept's name."""
+    from orchestrator.resolved import resolve
+    from orchestrator.trial import erase_request_concepts
+
+    data = yaml.safe_load(yaml.safe_dump(SMOKE))
+    data["concept"]["prompts"] = ["a circle", "a red circle", "a ring"]
+    data["concept"]["synonyms"] = ["disk", "round shape"]
+    targets, preserve = erase_request_concepts(resolve(data, {}))
+    assert [(c.name, c.prompts) for c in targets] == [
+        ("circle", ["a circle", "a red circle", "a ring"]),
+        ("disk", ["a disk", "a red disk"]),
+        ("round shape", ["a round shape", "a red round shape"]),
+    ]
+    assert [c.name for c in preserve] == [c["name"] for c in data["others"]]
+    assert main(["validate", str(_spec(tmp_path, concept__synonyms=[data["others"][0]["name"]]))]) == 2
+    assert capsys.readouterr().err.startswith("resurgence: error: concept.synonyms: a synonym must differ")
+
+
+def test_recipes_that_run_off_premise_warn(tmp_path, capsys):
+    """Few-shot from images the model draws (not real photos), MACE at lamb 0 without a prior cache, and the
+    same through meta-unlearning: each runs, with a warning naming what to give."""
+    cases = [
+        ({"method": "fewshot", "config": {}}, "erase.config: the concept's images are drawn by the base model"),
+        ({"method": "mace", "config": {"lamb": 0}}, "erase.config: lamb 0 without a prior cache"),
+        (
+            {"method": "meta", "config": {"method": "fewshot", "related": {"prompts": ["a ring"]}}},
+            "erase.config: method_config: the concept's images are drawn by the base model",
+        ),
+    ]
+    for erase, want in cases:
+        assert main(["validate", str(_spec(tmp_path, erase=erase))]) == 0
+        assert capsys.readouterr().err.startswith(f"resurgence: warning: {want}")

@@ -421,3 +421,30 @@ def test_importance_of_a_flat_sweep_is_a_note_not_a_crash():
     ]
     note = importances(rows, ["finetune.config.lr", "finetune.config.trainable"])
     assert isinstance(note, str) and "same final resurgence" in note
+
+
+def test_best_trials_show_each_erased_concepts_resurgence(tmp_path: Path) -> None:
+    """A mass-erasure sweep: the best-trials table puts each erased concept's final resurgence beside the mean,
+    and the Parquet keeps them as columns."""
+    s = Store(tmp_path / "mlflow")
+    exp = s.experiment("mass")
+    sweep = "mass-20261206-100000"
+    parent = s.run(exp, sweep, {"stage": "sweep", "sweep": sweep})
+    finals = {"t0": (0.1, 0.3), "t1": (0.5, 0.0)}
+    for trial_id, (circle, star) in finals.items():
+        tags = {"stage": "trial", "sweep": sweep, "trial_id": trial_id, "searched": json.dumps([])}
+        run = s.run(exp, f"trial-{trial_id}", tags, parent)
+        metrics = [("resurgence", 0.0, 0), ("resurgence.circle", 0.0, 0), ("resurgence.star", 0.0, 0)]
+        metrics += [("resurgence", (circle + star) / 2, 10), ("resurgence.circle", circle, 10)]
+        metrics += [("resurgence.star", star, 10)]
+        s.log(run, EVALUATOR, metrics)
+        s.client.set_terminated(run, "FINISHED")
+    index = write_report(s.uri, "mass", tmp_path / "report", log_to_parent=False)
+    page = index.read_text()
+    table = page[page.index("Best trials by final") :]
+    table = table[: table.index("</table>")]
+    assert "final resurgence.circle" in table and "final resurgence.star" in table
+    rows = table.split("<tr>")[2:]  # header first
+    assert rows[0].index("t1") < rows[0].index("0.5") and "0.3" in rows[1]  # t1 (mean 0.25) ranks first
+    columns = pq.read_table(tmp_path / "report" / "trials.parquet").column_names
+    assert {"resurgence.circle", "resurgence.star"} <= set(columns)

@@ -133,7 +133,11 @@ class MetaConfig(Presets):
             except ValidationError as err:
                 e = err.errors()[0]
                 where = ".".join(str(x) for x in e["loc"])
-                raise ValueError(f"method_config{'.' + where if where else ''}: {e['msg']}") from None
+                msg = e["msg"].removeprefix("Value error, ")
+                field, sep, rest = msg.partition(": ")  # a check of the wrapped config naming its field
+                if sep and not where and field.isidentifier():
+                    where, msg = field, rest
+                raise ValueError(f"method_config{'.' + where if where else ''}: {msg}") from None
         return self
 
     def inner(self) -> Any:
