@@ -276,3 +276,38 @@ def test_alignment_perturbation_is_detectable(tiny_sd):
     shifted = _weights(_case_b(tiny_sd, True, shift=1)[2])
     errs = _errors(shifted, right)
     assert errs["backward"] > 100 * BACKWARD and errs["weight"] > 10 * WEIGHT and errs["output"] > 10 * OUTPUT, errs
+
+
+def test_erase_weighs_prior_and_domain_as_the_official_cache(tiny_sd, tmp_path):
+    """erase() with stage 1 only (steps 0): the cache is the prior captions' + preserve_weight x the domain's
+    (the experiment's other concepts), times train_preserve_scale squared (src/cfr_lora_training.py)."""
+    import json
+
+    from methods.erasers.base import EraseRequest
+    from methods.evaluation.prompts import PromptSetConfig
+
+    _full_rank_text(tiny_sd)
+    weights = _originals(tiny_sd)
+    captions = ["a dog on a sofa", "two red buses in the rain", "a bowl of fruit"]
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": [{"caption": c} for c in captions]}))
+    domain = ["a red square on a table", "a cat sleeping on the sofa"]
+    prior_cache, domain_cache = _cache(tiny_sd, captions, weights), _cache(tiny_sd, domain, weights)
+    pw, s = 4.0, 0.3
+    cache = {
+        n: (prior_cache[n][0] + pw * domain_cache[n][0], prior_cache[n][1] + pw * domain_cache[n][1]) for n in weights
+    }
+    ref = _expected(tiny_sd, CONCEPTS_B, MAPPING_B, 0.0, weights, cache, s**2)
+    cfg = mace.MACEConfig(
+        mapping=MAPPING_B,
+        lamb=0.0,
+        steps=0,
+        train_preserve_scale=s,
+        preserve_weight=pw,
+        prior=PromptSetConfig(path=str(tmp_path / "captions.json")),
+    )
+    mace.erase(tiny_sd, EraseRequest(targets=CONCEPTS_B, preserve=[Concept("square", domain)]), cfg)
+    got = {n: p.weight.detach().double().cpu() for n, p in xattn.kv_projections(tiny_sd).items()}
+    _assert_match(got, ref)
+    prior_only = {n: prior_cache[n] for n in weights}  # the domain's weight matters
+    with pytest.raises(AssertionError):
+        _assert_match(got, _expected(tiny_sd, CONCEPTS_B, MAPPING_B, 0.0, weights, prior_only, s**2))

@@ -55,7 +55,6 @@ from methods.models import DiffusionModel
 from methods.presets import Preset, Presets
 
 _FILES = "Shilin-LU/MACE configs/"
-_ALL_CONCEPTS = "src/cfr_lora_training.py, src/fuse_lora_close_form.py"
 
 
 class MACEConfig(Presets):
@@ -406,7 +405,7 @@ def erase(model: DiffusionModel, request: EraseRequest, cfg: MACEConfig) -> Eras
     projections = xattn.kv_projections(model)
     keep = [p for c in request.preserve for p in c.prompts] if cfg.preserve_others else []
     domain = preservation_cache(model, keep + list(cfg.preserve), projections)
-    prior = preservation_cache(model, [p.text for p in cfg.prior.prompts], projections) if cfg.prior else {}
+    prior = preservation_cache(model, [p.text for p in cfg.prior.prompts()], projections) if cfg.prior else {}
     cache = combined_cache(prior, domain, cfg.preserve_weight)
     targets = [with_templates(c, cfg) for c in request.targets]
     closed_form_refinement(model, targets, cfg, projections, cache)
