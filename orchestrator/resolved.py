@@ -95,6 +95,7 @@ class ResolvedTrial:
             "model": s.model.model_dump(mode="json"),
             "method": s.erase.method,
             "config": _dump(self.components.erase),
+            "files": _file_records(self.components.erase),  # a prompt file read by the method (MACE's prior)
             "seed": s.seed,
             "targets": [c.model_dump(mode="json") for c in s.targets],  # the whole set erased at once
             "preserve": [c.model_dump(mode="json") for c in s.others],
@@ -113,6 +114,20 @@ class ResolvedTrial:
 
 def _dump(config: Any) -> dict[str, Any]:
     return config.model_dump(mode="json") if config is not None else {}
+
+
+def _file_records(config: Any) -> dict[str, Any]:
+    """The records (SHA-256, rows kept) of the prompt files a method's config read, by field: a changed file
+    is a new erasure even where the config's text is the same. A wrapped config's (meta) under its name."""
+    from methods.evaluation.prompts import PromptSetConfig
+
+    if config is None:
+        return {}
+    found = {k: v.record() for k in type(config).model_fields if isinstance(v := getattr(config, k), PromptSetConfig)}
+    inner = getattr(config, "inner", None)
+    if callable(inner):
+        found.update({f"method_config.{k}": v for k, v in _file_records(inner()).items()})
+    return found
 
 
 def resolve_trial(experiment: Experiment, values: dict[str, Any], slot: str = "") -> ResolvedTrial:

@@ -71,3 +71,26 @@ def test_validate_parses_the_spec_once(tmp_path, isolated_env):
     assert len(kinds(seen, "parse")) == 1
     assert len(kinds(seen, "smoke")) == 1  # its smoke overrides, checked so that --smoke-test cannot fail late
     assert all(kind(r) in ("parse", "bound", "smoke") for r in seen)
+
+
+def test_erase_cache_address_follows_the_prompt_files_a_method_reads(tmp_path):
+    """MACE's prior captions (also inside meta): a file whose content changes is a new erasure, though the
+    spec's text is the same."""
+    import json
+
+    from orchestrator.resolved import resolve
+
+    captions = tmp_path / "captions.json"
+    data = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    contents = []
+    for erase in (
+        {"method": "mace", "config": {"prior": {"path": str(captions)}}},
+        {"method": "meta", "config": {"method": "mace", "method_config": {"prior": {"path": str(captions)}}}},
+    ):
+        data["erase"] = erase
+        for caption in ("a dog", "a cat"):
+            captions.write_text(json.dumps({"annotations": [{"caption": caption}]}))
+            contents.append(resolve(data, {}).erase_content())
+    assert contents[0]["config"] == contents[1]["config"] and contents[0] != contents[1]
+    assert contents[2]["config"] == contents[3]["config"] and contents[2] != contents[3]
+    assert set(contents[2]["files"]) == {"method_config.prior"}
