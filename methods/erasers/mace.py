@@ -55,6 +55,16 @@ from methods.models import DiffusionModel
 from methods.presets import Preset, Presets
 
 _FILES = "Shilin-LU/MACE configs/"
+# the celebrity and art configs share everything but the mapping and the templates
+_NO_RIDGE = {
+    "lamb": 0.0,
+    "lr": 1e-4,
+    "steps": 50,
+    "train_preserve_scale": 1e-4,
+    "fuse_preserve_scale": 1e-4,
+    "preserve_weight": 8e4,
+    "importance_sampling": True,
+}
 
 
 class MACEConfig(Presets):
@@ -77,17 +87,7 @@ class MACEConfig(Presets):
             note="bird and automobile use lamb 1e1 (erase_bird.yaml, erase_automobile.yaml)",
         ),
         "mace-celebrity": Preset(
-            {
-                "mapping": "a person",
-                "lamb": 0.0,
-                "lr": 1e-4,
-                "steps": 50,
-                "train_preserve_scale": 1e-4,
-                "fuse_preserve_scale": 1e-4,
-                "preserve_weight": 8e4,
-                "templates": "object",
-                "importance_sampling": True,
-            },
+            {**_NO_RIDGE, "mapping": "a person", "templates": "object"},
             _FILES + "celebrity/erase_cele_{1,5,10,100}.yaml",
             needs=("prior",),
             note="prior: a COCO captions file (official cache_coco.pt); domain: the other celebrities",
@@ -109,17 +109,7 @@ class MACEConfig(Presets):
             note="the official concept list is nudity, naked, erotic, sexual (a spec's concept list)",
         ),
         "mace-style": Preset(
-            {
-                "mapping": "art",
-                "lamb": 0.0,
-                "lr": 1e-4,
-                "steps": 50,
-                "train_preserve_scale": 1e-4,
-                "fuse_preserve_scale": 1e-4,
-                "preserve_weight": 8e4,
-                "templates": "style",
-                "importance_sampling": True,
-            },
+            {**_NO_RIDGE, "mapping": "art", "templates": "style"},
             _FILES + "art/erase_art_100.yaml",
             needs=("prior",),
             note="prior: a COCO captions file (official cache_coco.pt); domain: the other artists",
