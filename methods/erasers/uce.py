@@ -97,7 +97,7 @@ class UCEConfig(Presets):
     }
 
     guide: str | list[str] = ""  # what erased ones map to: one for all, or one per erased concept, in order
-    # (official: "" for objects, "art" for styles)
+    # (a concept's synonyms count as concepts, right after it); official: "" for objects, "art" for styles
     erase_scale: float = Field(1.0, gt=0)  # a in eq. 7 (official default 1)
     preserve_scale: float | Literal["auto"] = 1.0  # b in eq. 7 (official 1; paper era auto = max(0.1, 1/n))
     lamb: float = Field(0.5, ge=0)  # ridge towards W_old (official 0.5)
