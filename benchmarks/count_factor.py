@@ -14,8 +14,8 @@ cache, so each method x count is erased once and its fine-tunes reuse it (the `c
 `--methods esd` adds a reference: ESD-x as search_spaces/toy_resurgence.yaml erases (it does revive on this data;
 with several shapes its 200 iterations cycle through all their prompts and erase only part of them).
 
-    python benchmarks/count_factor.py                     # MACE, UCE: 24 fine-tunes of 150 steps, ~11 min on 2 cores
-    python benchmarks/count_factor.py --methods mace uce esd --json count_factor.json   # + ESD: ~19 min; JSON too
+    python benchmarks/count_factor.py                     # MACE, UCE: 24 fine-tunes of 150 steps, ~12 min on 2 cores
+    python benchmarks/count_factor.py --methods mace uce esd --json count_factor.json   # + ESD: ~20 min; JSON too
     python benchmarks/count_factor.py --quick             # a check that it runs: ~1.5 min (10 steps, 1 setting)
 
 Wall times are for 2 idle cores; other processes on them stretch any cell several-fold (a run of the three methods
