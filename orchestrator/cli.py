@@ -410,6 +410,9 @@ def cmd_list(_: argparse.Namespace) -> int:
         print(f"{kind}:")
         for entry in registry:
             print(f"  {entry.name:<14} {entry.description}")
+            presets = sorted(getattr(entry.config, "PRESETS", {}))
+            if presets:  # official recipes (docs/recipes.md)
+                print(f"  {'':<14} presets: {', '.join(presets)}")
     return 0
 
 

@@ -220,6 +220,8 @@ def test_validate_and_list(capsys):
         "  parquet ",
         "detectors:",
         "  clip ",
+        "presets: mace-celebrity, mace-explicit, mace-object, mace-style",
+        "presets: meta-nudity, meta-nudity-as-run",
     ):
         assert line in out
 
