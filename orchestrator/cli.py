@@ -492,6 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RayVersionError as err:  # the environment, not the input: one line all the same
         print(f"resurgence: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`resurgence list | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+        return 0
 
 
 if __name__ == "__main__":
