@@ -13,7 +13,7 @@ docs/recipes.md writes the same values in one table (tests/test_presets.py keeps
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, model_validator
@@ -25,7 +25,6 @@ class Preset:
     source: str  # the official repository and file the values come from
     needs: tuple[str, ...] = ()  # fields the user must give (paths); refused when missing
     note: str = ""  # what differs from the official code, and why
-    extra: dict[str, Any] = field(default_factory=dict)  # informative only (e.g. the paper's settings)
 
 
 class Presets(BaseModel):

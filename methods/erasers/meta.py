@@ -134,10 +134,8 @@ class MetaConfig(Presets):
                 e = err.errors()[0]
                 where = ".".join(str(x) for x in e["loc"])
                 msg = e["msg"].removeprefix("Value error, ")
-                field, sep, rest = msg.partition(": ")  # a check of the wrapped config naming its field
-                if sep and not where and field.isidentifier():
-                    where, msg = field, rest
-                raise ValueError(f"method_config{'.' + where if where else ''}: {msg}") from None
+                named = f"method_config.{where}: {msg}" if where else self._named(msg, "method_config: ")
+                raise ValueError(named) from None
         return self
 
     def inner(self) -> Any:
@@ -150,10 +148,16 @@ class MetaConfig(Presets):
         if check is not None:
             try:
                 check(targets)
-            except ValueError as err:  # a field of the wrapped config is method_config's
-                field, sep, rest = str(err).partition(": ")
-                named = sep and field in type(self._inner).model_fields
-                raise ValueError(f"method_config.{field}: {rest}" if named else str(err)) from None
+            except ValueError as err:
+                raise ValueError(self._named(str(err))) from None
+
+    def _named(self, msg: str, otherwise: str = "") -> str:
+        """A wrapped config's message naming one of its fields ("guide: ...") names it under method_config;
+        any other message gets `otherwise` in front."""
+        field, sep, rest = msg.partition(": ")
+        if sep and field in METHODS.get(self.method).config.model_fields:
+            return f"method_config.{field}: {rest}"
+        return otherwise + msg
 
     def warnings(self) -> list[str]:
         """Settings that run but do nothing the user may think they do."""
