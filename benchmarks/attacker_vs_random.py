@@ -1,8 +1,8 @@
 """The attacker against random search on the toy world, same budget, same run; and how well the cheap
 proxy ranks trials.
 
-    python benchmarks/attacker_vs_random.py                 # 16 trials each (about 15 minutes on 2 cores)
-    python benchmarks/attacker_vs_random.py --trials 6      # a quick look
+    python benchmarks/attacker_vs_random.py                         # 12 trials each, seeds 0 1 2 (~45 min on 2 cores)
+    python benchmarks/attacker_vs_random.py --trials 4 --seeds 0    # a quick look
 
 Both sweeps run `search_spaces/toy_resurgence.yaml` (ESD-x erases "cross"; fine-tuning on cross-free
 images; lr, trainable subset and steps searched) through `orchestrator.sweep.run_sweep`:
@@ -11,6 +11,12 @@ images; lr, trainable subset and steps searched) through `orchestrator.sweep.run
 Both evaluate in full at every rung and report the proxy, with common random numbers (the same noise and
 seeds for every trial), so the proxy's rank correlation with the final presence is measured on the
 random sweep's trials (which all run to the end).
+
+Each search seed (`search.seed`: the sampler's seed) gives one pair of sweeps. Per pair: the best resurgence
+each found (the highest peak of any trial's curve) with its 95% interval (Newcombe's hybrid score over the n
+images of the cross at that peak and right after erasure) and the compute each spent (fine-tuning steps summed
+over its trials, as ASHA stops some early; and trial CPU seconds). Every trial is evaluated on
+`--images-per-prompt` images of each of the cross's 6 prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +33,10 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from methods.evaluation.intervals import newcombe  # noqa: E402
+from orchestrator.formatting import finite, with_interval  # noqa: E402
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -52,12 +63,14 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def sweep_data(trials: int, algorithm: str, asha: bool) -> dict[str, Any]:
+def sweep_data(trials: int, algorithm: str, asha: bool, seed: int, images: int) -> dict[str, Any]:
     data = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     data["name"] = f"attacker-vs-random-{algorithm}"
     data["evaluate"]["proxy"] = {"images_per_prompt": 1, "repeats": 4}
+    data["evaluate"]["config"]["images_per_prompt"] = images
     data["search"]["num_samples"] = trials
     data["search"]["algorithm"] = algorithm
+    data["search"]["seed"] = seed
     if asha:
         data["search"]["scheduler"] = {"name": "asha", "metric": "resurgence_proxy", "grace_period": 25}
     else:
@@ -83,9 +96,29 @@ def curves(uri: str, run_name: str, experiment: str) -> list[dict[str, dict[int,
     return out
 
 
+def best_found(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's best trial (highest peak resurgence) with its interval, and the compute the sweep spent."""
+    done = [r for r in rows if finite(r.get("peak_resurgence"))]
+    best = max(done, key=lambda r: r["peak_resurgence"])
+    n, erased, peak = best.get("presence_images", float("nan")), best["presence_erased"], best["peak_resurgence"]
+    low, high = newcombe(erased + peak, n, erased, n) if finite(n) else (float("nan"), float("nan"))
+    return {
+        "best": peak,
+        "low": low,
+        "high": high,
+        "n": n,
+        "trials": len(done),
+        "steps": sum(r["ft_step"] for r in done if finite(r.get("ft_step"))),
+        "cpu_seconds": sum(r["trial_cpu_seconds"] for r in done if finite(r.get("trial_cpu_seconds"))),
+        "median_peak": statistics.median(r["peak_resurgence"] for r in done),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=12, help="trials per sweep")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (one pair each)")
+    parser.add_argument("--images-per-prompt", type=int, default=4, help="evaluation images per prompt (6 prompts)")
     args = parser.parse_args()
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -101,36 +134,48 @@ def main() -> None:
 
     start_local_ray(num_cpus=2, configure_logging=False)  # the Ray `resurgence run` starts
     uri = default_tracking_uri()
-    results = {}
-    for label, algorithm, asha in (("attacker (TPE + ASHA on the proxy)", "tpe", True), ("random", "random", False)):
-        data = sweep_data(args.trials, algorithm, asha)
-        data["storage_path"], data["cache_dir"] = str(tmp / "ray_results"), str(tmp / "cache")  # one erase cache
-        experiment = parse_experiment(data)
-        start = time.perf_counter()
-        outcome = run_sweep(experiment, uri, "toy_resurgence.yaml", write_html=False, one_node=True)
-        results[label] = (outcome, time.perf_counter() - start, curves(uri, outcome.run_name, experiment.spec.name))
+    sweeps = (("attacker", "tpe", True), ("random", "random", False))
+    found: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in sweeps}
+    random_curves: list[dict[str, dict[int, float]]] = []
+    for seed in args.seeds:
+        for label, algorithm, asha in sweeps:
+            data = sweep_data(args.trials, algorithm, asha, seed, args.images_per_prompt)
+            data["storage_path"], data["cache_dir"] = str(tmp / "ray_results"), str(tmp / "cache")  # one erase cache
+            experiment = parse_experiment(data)
+            start = time.perf_counter()
+            outcome = run_sweep(experiment, uri, "toy_resurgence.yaml", write_html=False, one_node=True)
+            wall = time.perf_counter() - start
+            found[label].append({"seed": seed, "wall": wall, **best_found(outcome.rows)})
+            if label == "random":
+                random_curves += curves(uri, outcome.run_name, experiment.spec.name)
     ray.shutdown()
 
-    print("\n=== attacker vs random search (toy world, same budget) ===")
-    for label, (_, wall, trial_curves) in results.items():
-        peaks = [max(c["resurgence"].values()) for c in trial_curves if c["resurgence"]]
-        finals = [c["resurgence"][max(c["resurgence"])] for c in trial_curves if c["resurgence"]]
-        print(
-            f"{label:<36} {len(peaks)} trials, {wall:.0f} s: best resurgence {max(peaks):.3f} "
-            f"(final {max(finals):.3f}), median trial peak {statistics.median(peaks):.3f}"
-        )
-    attacker = max(max(c["resurgence"].values()) for c in results["attacker (TPE + ASHA on the proxy)"][2])
-    random_curves = results["random"][2]
-    random_median = statistics.median(max(c["resurgence"].values()) for c in random_curves)
+    print(f"\n=== attacker (TPE + ASHA on the proxy) vs random search: toy world, {args.trials} trials each ===")
     print(
-        f"attacker's best {attacker:.3f} vs random search's median trial {random_median:.3f}: "
-        f"{'attacker ahead' if attacker > random_median else 'attacker NOT ahead'}"
+        "| search | seed | best resurgence [95% CI] n | median trial peak | fine-tuning steps | trial CPU s | wall s |"
     )
+    print("|---|---|---|---|---|---|---|")
+    for label, runs in found.items():
+        for f in runs:
+            print(
+                f"| {label} | {f['seed']} | {with_interval(f['best'], f['low'], f['high'], f['n'])} | "
+                f"{f['median_peak']:+.2f} | {f['steps']:.0f} | {f['cpu_seconds']:.0f} | {f['wall']:.0f} |"
+            )
+    for label, runs in found.items():
+        bests = [f["best"] for f in runs]
+        print(
+            f"{label}: best resurgence mean {statistics.fmean(bests):+.3f} over {len(bests)} seeds (range "
+            f"{min(bests):+.3f} to {max(bests):+.3f}); fine-tuning steps "
+            f"{statistics.fmean(f['steps'] for f in runs):.0f} per sweep on average"
+        )
+    wins = sum(a["best"] > r["best"] for a, r in zip(found["attacker"], found["random"], strict=True))
+    ties = sum(a["best"] == r["best"] for a, r in zip(found["attacker"], found["random"], strict=True))
+    print(f"attacker ahead on {wins} of {len(args.seeds)} seeds, tied on {ties}")
 
-    # the proxy: rank correlation with the final presence, at every rung, over the random sweep's trials
+    # the proxy: rank correlation with the final presence, at every rung, over the random sweeps' trials
     final_presence = [c["presence"][max(c["presence"])] for c in random_curves]
     steps = sorted({s for c in random_curves for s in c["resurgence_proxy"]} - {0})
-    print("proxy rank correlation with the final presence (Spearman, random sweep's trials):")
+    print("proxy rank correlation with the final presence (Spearman, random sweeps' trials):")
     for step in steps:
         pairs = [
             (c["resurgence_proxy"][step], p)

@@ -1,4 +1,4 @@
-"""Defender candidates as a defense reads them back: the outcome of each candidate (its worst resurgence over its
+"""Defender candidates as a defense reads them back: the outcome of each candidate (its worst case over its
 attacks, its retention after erasure), the Pareto front of the feasible ones, and their printed summary.
 Light on purpose: the report reads them without the machinery that ran the search (orchestrator/sweep.py)."""
 
@@ -18,30 +18,29 @@ class Candidate:
     number: int
     run_id: str
     params: dict[str, Any]  # dotted spec path (erase.config...) -> value (as text when read from MLflow)
-    worst_resurgence: float  # lower is better for the defender; nan when not logged
+    worst: float  # the worst case over its attacks (`score`); lower is better for the defender; nan when not logged
     retention: float  # higher is better; nan when not logged
     feasible: bool
     status: str
+    score: str = "presence"  # what `worst` is: the worst presence or the worst resurgence (defender.score)
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """The feasible candidates no other feasible one beats on both objectives (worst resurgence lower,
-    retention higher), by worst resurgence ascending. Infeasible ones do not compete: the defense rejects them."""
-    pool = [c for c in candidates if c.feasible and finite(c.worst_resurgence) and finite(c.retention)]
+    """The feasible candidates no other feasible one beats on both objectives (worst case lower,
+    retention higher), by worst case ascending. Infeasible ones do not compete: the defense rejects them."""
+    pool = [c for c in candidates if c.feasible and finite(c.worst) and finite(c.retention)]
 
     def beaten(c: Candidate) -> bool:
         return any(
-            o.worst_resurgence <= c.worst_resurgence
-            and o.retention >= c.retention
-            and (o.worst_resurgence < c.worst_resurgence or o.retention > c.retention)
+            o.worst <= c.worst and o.retention >= c.retention and (o.worst < c.worst or o.retention > c.retention)
             for o in pool
         )
 
-    return sorted((c for c in pool if not beaten(c)), key=lambda c: (c.worst_resurgence, -c.retention))
+    return sorted((c for c in pool if not beaten(c)), key=lambda c: (c.worst, -c.retention))
 
 
 def best_candidate(candidates: Sequence[Candidate]) -> Candidate | None:
-    """The feasible candidate with the lowest worst resurgence (ties: the higher retention)."""
+    """The feasible candidate with the lowest worst case (ties: the higher retention)."""
     front = pareto_front(candidates)
     return front[0] if front else None
 
@@ -50,20 +49,17 @@ def best_line(candidates: Sequence[Candidate]) -> str:
     best = best_candidate(candidates)
     if best is None:
         return "no feasible candidate yet"
-    return (
-        f"best: candidate {best.number} worst-case resurgence {best.worst_resurgence:.3f}, "
-        f"retention {best.retention:.3f}"
-    )
+    return f"best: candidate {best.number} worst-case {best.score} {best.worst:.3f}, retention {best.retention:.3f}"
 
 
 def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
     front = {c.number for c in pareto_front(candidates)}
     print(f"\nDefender candidates ({objective}; * = on the Pareto front of the feasible ones):")
-    for c in sorted(candidates, key=lambda c: (not c.feasible, c.worst_resurgence)):
+    for c in sorted(candidates, key=lambda c: (not c.feasible, c.worst)):
         params = ", ".join(f"{p}={fmt(v)}" for p, v in c.params.items())
         mark = "*" if c.number in front else " "
         print(
-            f" {mark} candidate {c.number}: worst resurgence {fmt(c.worst_resurgence)}, retention "
+            f" {mark} candidate {c.number}: worst {c.score} {fmt(c.worst)}, retention "
             f"{fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
         )
     print(best_line(candidates))

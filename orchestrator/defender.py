@@ -4,10 +4,12 @@ fine-tuning an attacker finds?
 Ray Tune does not nest Tuners, so the outer search is an Optuna study of its own (a journal file under the
 sweep's folder, so it survives the driver) asked for `per_wave` candidates at a time. Each wave is one attacker
 sweep whose cells are the candidates (each with its fixed erasure settings and its own attacker study,
-`search.num_samples` trials: the fixed attack budget). A candidate's score is the worst resurgence any of its
-attacks reached (the peak of the curve: an attacker may stop fine-tuning whenever it likes); its utility is the
-retention right after erasure. The outer study is told both, then asked for the next wave. MLflow: a `defense`
-parent run, one `defender-candidate` child per candidate, the attack trials under their candidate's run.
+`search.num_samples` trials: the fixed attack budget). A candidate's score is the worst case over its attacks
+(`defender.score`): by default the highest presence of the concept any attack reached (presence after erasure +
+the peak of its resurgence curve: an attacker may stop fine-tuning whenever it likes), or the highest
+resurgence; its utility is the retention right after erasure. The outer study is told both, then asked for
+the next wave. MLflow: a `defense` parent run, one `defender-candidate` child per candidate, the attack trials
+under their candidate's run.
 """
 
 from __future__ import annotations
@@ -52,11 +54,14 @@ def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     )
 
 
-def candidate_score(rows: list[Row]) -> tuple[float, float]:
-    """(worst resurgence any attack reached, retention after erasure) of one candidate's attack trials."""
+def candidate_score(rows: list[Row]) -> tuple[float, float, float]:
+    """(worst presence, worst resurgence any attack reached, retention after erasure) of one candidate's
+    attack trials. An attack's presence at its peak is its presence after erasure + its peak resurgence."""
     peaks = [r["peak_resurgence"] for r in rows if finite(r.get("peak_resurgence"))]
+    reached = [r["peak_resurgence"] + r["presence_erased"] for r in rows if finite(r.get("peak_resurgence"))]
     retention = next((r["retention_erased"] for r in rows if finite(r.get("retention_erased"))), math.nan)
-    return (max(peaks) if peaks else math.nan), retention
+    worst = max(peaks) if peaks else math.nan
+    return (max(reached) if reached and all(map(finite, reached)) else math.nan), worst, retention
 
 
 CANDIDATE_ATTR = "candidate"  # a defender study trial's user attribute: the candidate number it is
@@ -96,18 +101,30 @@ def run_defense(run: SearchRun) -> list[Row]:
                 parents[c] = known[str(c)].run_id
             else:
                 parents[c] = tracker.start_run_later(
-                    f"candidate-{c}", {**tags, "stage": "defender-candidate", "candidate": str(c)}, parent=parent
+                    f"candidate-{c}",
+                    {**tags, "stage": "defender-candidate", "candidate": str(c), "score": d.score},
+                    parent=parent,
                 )
                 tracker.log(parents[c], params={f"defender.{p}": str(v) for p, v in trial.params.items()})
             cells += attacker_cells(spec, f"{run_name}-c{c}", fixed={**trial.params, "_candidate": c})
         rows = run.waves(cells, f"{run_name}-d{wave:03d}", ledger, callbacks, slot_prefix=f"d{wave:03d}-")
         all_rows += rows
         for c, trial in wave_candidates:
-            worst, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
+            presence, resurgence, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
+            worst = presence if d.score == "presence" else resurgence
             feasible = finite(retention) and retention >= d.retention_floor
             ok = finite(worst) and finite(retention)
             candidates.append(
-                Candidate(c, parents[c], dict(trial.params), worst, retention, feasible, "FINISHED" if ok else "FAILED")
+                Candidate(
+                    c,
+                    parents[c],
+                    dict(trial.params),
+                    worst,
+                    retention,
+                    feasible,
+                    "FINISHED" if ok else "FAILED",
+                    d.score,
+                )
             )
             # The study first, then MLflow: a driver that dies in between leaves a told trial and an open
             # run, which the next one closes (a told trial is never told again).
@@ -117,8 +134,8 @@ def run_defense(run: SearchRun) -> list[Row]:
                 tell(study, trial.number, ([worst, retention] if d.objective == "pareto" else worst) if ok else None)
             left = known.get(str(c))
             if left is None or left.status == "RUNNING":
-                metrics = [("worst_resurgence", worst, 0), ("retention", retention, 0)]
-                metrics.append(("feasible", float(feasible), 0))
+                metrics = [("worst_presence", presence, 0), ("worst_resurgence", resurgence, 0)]
+                metrics += [("retention", retention, 0), ("feasible", float(feasible), 0)]
                 tracker.log(parents[c], metrics=new_metrics(left.metrics, metrics) if left else metrics)
                 tracker.end(parents[c], "FINISHED" if ok else "FAILED")
         number += k
@@ -127,7 +144,7 @@ def run_defense(run: SearchRun) -> list[Row]:
     log_summary(tracker, parent, all_rows, spec, resumed)
     best = best_candidate(candidates)
     if best is not None:
-        metrics = [("best_worst_resurgence", best.worst_resurgence, 0), ("best_retention", best.retention, 0)]
+        metrics = [(f"best_worst_{d.score}", best.worst, 0), ("best_retention", best.retention, 0)]
         tracker.log(
             parent,
             params={f"best.{p}": str(v) for p, v in best.params.items()} | {"best.candidate": str(best.number)},

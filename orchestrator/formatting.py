@@ -24,3 +24,15 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """An error's message cut to its first line (for one-line errors and log lines)."""
     text = str(err).strip()
     return text.splitlines()[0][:limit] if text else type(err).__name__
+
+
+def with_interval(value: Any, low: Any, high: Any, n: Any = None, digits: int = 2) -> str:
+    """'0.25 [0.09, 0.53] n=12': a figure with its 95% interval (n left out when not given); the bare value
+    when the interval is missing, '-' when the value is."""
+    if not finite(value):
+        return "-"
+    signed = finite(low) and low < 0
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    if finite(low) and finite(high):
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]" if signed else f" [{low:.{digits}f}, {high:.{digits}f}]"
+    return text + (f" n={int(n)}" if finite(n) and n else "")

@@ -11,7 +11,8 @@ tag `stage=sweep`, or a defender search, `stage=defense`). It writes into the ou
 - `curves.png`: resurgence over fine-tuning steps, one line per trial, the best trials highlighted;
 - `hyperparameters.png`: final resurgence against each searched hyperparameter;
 - `importance.png`: fANOVA hyperparameter importance for final resurgence (optuna);
-- `pareto.png` (defender searches only): worst resurgence against retention of the defender candidates;
+- `pareto.png` (defender searches only): the worst case (presence or resurgence) against retention of the
+  defender candidates;
 - `samples-<trial>.png` and `curve-<trial>.png` for the best trials: the trial's sample grid (base, erased,
   each evaluation during fine-tuning; small images upscaled without smoothing) and its own curves;
 - `index.html`: one self-contained page (the plots are embedded) with counts, the best trials with their
@@ -408,6 +409,7 @@ def _candidates(runs: Iterable[Any]) -> list[Candidate]:
     out = []
     for run in runs:
         metrics = run.data.metrics
+        score = run.data.tags.get("score", "resurgence")  # runs of before `defender.score` scored resurgence
         out.append(
             Candidate(
                 number=int(run.data.tags.get("candidate", -1)),
@@ -417,10 +419,11 @@ def _candidates(runs: Iterable[Any]) -> list[Candidate]:
                     for k, v in sorted(run.data.params.items())
                     if k.startswith("defender.")
                 },
-                worst_resurgence=metrics.get("worst_resurgence", math.nan),
+                worst=metrics.get(f"worst_{score}", math.nan),
                 retention=metrics.get("retention", math.nan),
                 feasible=metrics.get("feasible", 0.0) == 1.0,
                 status=run.info.status,
+                score=score,
             )
         )
     return sorted(out, key=lambda c: c.number)
@@ -587,28 +590,26 @@ def _plot_pareto(candidates: list[Candidate], path: Path) -> None:
     on_front = {c.run_id for c in front}
     fig = _figure(7, 5)
     ax = fig.subplots()
-    shown = [c for c in candidates if finite(c.worst_resurgence) and finite(c.retention)]
+    shown = [c for c in candidates if finite(c.worst) and finite(c.retention)]
     feasible = [c for c in shown if c.feasible and c.run_id not in on_front]
     infeasible = [c for c in shown if not c.feasible]
     if feasible:
-        ax.scatter(
-            [c.worst_resurgence for c in feasible], [c.retention for c in feasible], color="tab:blue", label="feasible"
-        )
+        ax.scatter([c.worst for c in feasible], [c.retention for c in feasible], color="tab:blue", label="feasible")
     if infeasible:
         ax.scatter(
-            [c.worst_resurgence for c in infeasible],
+            [c.worst for c in infeasible],
             [c.retention for c in infeasible],
             facecolors="none",
             edgecolors="tab:gray",
             label="infeasible",
         )
     if front:
-        xs, ys = [c.worst_resurgence for c in front], [c.retention for c in front]
+        xs, ys = [c.worst for c in front], [c.retention for c in front]
         ax.plot(xs, ys, color="tab:red", marker="o", markersize=8, linewidth=1.5, label="Pareto front", zorder=3)
     for c in shown:
-        ax.annotate(str(c.number), (c.worst_resurgence, c.retention), textcoords="offset points", xytext=(5, 4))
+        ax.annotate(str(c.number), (c.worst, c.retention), textcoords="offset points", xytext=(5, 4))
     ax.set(
-        xlabel="worst resurgence (lower is better)",
+        xlabel=f"worst {candidates[0].score if candidates else 'presence'} (lower is better)",
         ylabel="retention (higher is better)",
         title=f"defender candidates ({len(candidates)})",
     )
@@ -722,19 +723,20 @@ def _html(
         params = sorted({k for c in candidates for k in c.params})
         parts += [
             "<h2>Defender candidates</h2>",
-            _image(out_dir, "pareto.png", "worst resurgence against retention of the defender candidates", notes),
+            _image(out_dir, "pareto.png", "worst case against retention of the defender candidates", notes),
         ]
         if best is None:
             parts.append('<p class="note">No candidate is feasible.</p>')
         else:
             parts.append(
-                f"<p>Best feasible candidate: <b>{best.number}</b> (worst resurgence {e(_fmt(best.worst_resurgence))},"
+                f"<p>Best feasible candidate: <b>{best.number}</b> (worst {best.score} {e(_fmt(best.worst))},"
                 f" retention {e(_fmt(best.retention))}).</p>"
             )
-        header = ["candidate", "status", *params, "worst resurgence", "retention", "feasible", "Pareto front"]
+        worst = f"worst {candidates[0].score}"
+        header = ["candidate", "status", *params, worst, "retention", "feasible", "Pareto front"]
         body = [
             [c.number, c.status, *[c.params.get(p) for p in params]]
-            + [c.worst_resurgence, c.retention, "yes" if c.feasible else "no", "yes" if c.run_id in front else ""]
+            + [c.worst, c.retention, "yes" if c.feasible else "no", "yes" if c.run_id in front else ""]
             for c in candidates
         ]
         parts.append(_table_html(header, body))

@@ -172,9 +172,13 @@ class DefenderSpec(_Strict):
 
     space: dict[str, Dimension] = Field(min_length=1)  # dotted spec paths (erase.config...) -> distribution
     objective: Literal["worst_case", "pareto"] = "worst_case"
-    # worst_case: minimize the worst resurgence subject to retention >= retention_floor (TPE with a
-    # constraint); pareto: worst resurgence (min) against retention (max) with NSGA-II.
+    # worst_case: minimize the worst case (`score`) subject to retention >= retention_floor (TPE with a
+    # constraint); pareto: the worst case (min) against retention (max) with NSGA-II.
     retention_floor: float = Field(0.0, ge=0, le=1)  # retention after erasure a candidate must keep
+    # What a candidate's attacks are scored by (the worst over them, minimised): `presence`, the concept's
+    # presence at the attack's strongest moment (presence after erasure + its peak resurgence), or
+    # `resurgence`, the rise alone; the rise rewards a candidate that erased nothing (it cannot rise further).
+    score: Literal["presence", "resurgence"] = "presence"
     candidates: int = Field(4, ge=1)  # defender candidates in all
     per_wave: int = Field(2, ge=1)  # candidates attacked at the same time (one Tuner run per wave)
     seed: int = 0  # seeds the defender's sampler

@@ -1,6 +1,7 @@
 """The defender loop on the toy world with tiny budgets (`toy_defense.yaml --smoke-test`): two
 meta-unlearning candidates, each erased once and attacked by its own attacker search; the outer study,
-MLflow's candidate runs and the defender config with its worst-case resurgence. Both objectives: the
+MLflow's candidate runs and the defender config with its worst case (the concept's presence at the attacks'
+peak). Both objectives: the
 worst case under a retention floor (TPE with a constraint) and the Pareto search (NSGA-II)."""
 
 import json
@@ -46,7 +47,8 @@ def test_defender_loop_on_the_toy_world(tmp_path, isolated_env, objective):
     for c in candidates.values():
         assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id and c.info.status == "FINISHED"
         assert {"defender.erase.config.gamma2_1", "defender.erase.config.gamma1_1"} <= set(c.data.params)
-        assert {"worst_resurgence", "retention", "feasible"} <= set(c.data.metrics)
+        assert {"worst_presence", "worst_resurgence", "retention", "feasible"} <= set(c.data.metrics)
+        assert c.data.tags["score"] == "presence"
     for t in trials:  # every attack sits under its candidate and ran on that candidate's erasure settings
         c = candidates[t.data.tags["mlflow.parentRunId"]]
         assert t.data.tags["candidate"] == c.data.tags["candidate"]
@@ -56,13 +58,15 @@ def test_defender_loop_on_the_toy_world(tmp_path, isolated_env, objective):
         worst = c.data.metrics["worst_resurgence"]  # one attack: its peak resurgence is the worst case
         peak = max(m.value for m in client.get_metric_history(t.info.run_id, "resurgence"))
         assert math.isclose(worst, peak)
+        # the defender's score: the concept's presence at that peak (what the attack reached, not its rise)
+        assert math.isclose(c.data.metrics["worst_presence"], peak + t.data.metrics["presence_erased"])
         assert "resurgence_proxy" in t.data.metrics  # the rungs' cheap signal
 
     # the defender config and its worst-case resurgence on the parent run
     best = parent.data.params["best.candidate"]
     chosen = next(c for c in candidates.values() if c.data.tags["candidate"] == best)
     assert chosen.data.metrics["feasible"] == 1.0
-    assert parent.data.metrics["best_worst_resurgence"] == chosen.data.metrics["worst_resurgence"]
+    assert parent.data.metrics["best_worst_presence"] == chosen.data.metrics["worst_presence"]
     for key in ("erase.config.gamma2_1", "erase.config.gamma1_1"):
         assert parent.data.params[f"best.{key}"] == chosen.data.params[f"defender.{key}"]
     assert parent.data.metrics["erase_cache_miss"] == 2  # one erasure per candidate
@@ -74,7 +78,7 @@ def test_defender_loop_on_the_toy_world(tmp_path, isolated_env, objective):
     )
     study = optuna.load_study(study_name=f"{sweep}-defender", storage=storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    worst = sorted(c.data.metrics["worst_resurgence"] for c in candidates.values())
+    worst = sorted(c.data.metrics["worst_presence"] for c in candidates.values())
     if objective == "pareto":  # NSGA-II on two objectives: worst resurgence down, retention up
         assert study.directions == [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE]
         sampler = defender_study(parse_spec(data), tmp_path / "probe.journal", "probe").sampler
