@@ -329,25 +329,22 @@ def check_address(address: str, field: str = "--address", timeout_s: float = 5.0
 
 
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
-    from orchestrator.formatting import fmt
+    """The best trials; presence and resurgence with their 95% intervals over n images (presence_images)."""
+    from orchestrator.formatting import fmt, with_interval
 
     keys = sorted({k for r in rows for k in r["config"] if not k.startswith("_")})
-    head = [
-        "rank",
-        "trial",
-        spec.search.metric,
-        "presence_base",
-        "presence_erased",
-        "presence",
-        "retention",
-        "ft_step",
-        *keys,
-    ]
-    head = list(dict.fromkeys(head))
+    shown = ["presence_base", "presence_erased", "presence", "resurgence", "n", "retention", "ft_step"]
+    head = ["rank", "trial", *dict.fromkeys([spec.search.metric, *shown]), *keys]
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        if k in ("presence", "resurgence"):
+            return with_interval(r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi"))
+        return fmt(r.get("presence_images" if k == "n" else k))
+
     table = [head]
     for i, r in enumerate(rows[:top], 1):
         cells = [str(i), r["trial"] + (" (error)" if r["error"] else "")]
-        cells += [fmt(r[k]) for k in head[2 : -len(keys) or None]]
+        cells += [cell(r, k) for k in head[2 : -len(keys) or None]]
         cells += [fmt(r["config"].get(k)) for k in keys]
         table.append(cells)
     widths = [max(len(row[j]) for row in table) for j in range(len(head))]

@@ -10,6 +10,12 @@ the base model's images of the erased concept.
 CURVE_METRICS = (
     "presence",
     "resurgence",
+    # 95% intervals of both over the presence_images images: Wilson for presence, Newcombe's hybrid score for
+    # resurgence (methods/evaluation/intervals.py)
+    "presence_lo",
+    "presence_hi",
+    "resurgence_lo",
+    "resurgence_hi",
     "retention",
     "ft_loss",
     "ft_distance",

@@ -40,9 +40,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from methods.evaluation.intervals import newcombe
 from orchestrator.candidates import Candidate, best_candidate, pareto_front
 from orchestrator.errors import SpecError
-from orchestrator.formatting import finite, fmt
+from orchestrator.formatting import finite, fmt, with_interval
 from orchestrator.metric_names import CURVE_METRICS
 from orchestrator.store import search_all
 
@@ -637,6 +638,26 @@ def _fmt(value: Any) -> str:
     return fmt(value, missing="–")
 
 
+def _with_intervals(row: dict[str, Any], each: list[str]) -> list[str]:
+    """A trial row's final resurgence and presence with their 95% intervals, n, then each erased concept's final
+    resurgence with its interval (over its own share of the n images)."""
+    n = row.get("presence_images")
+    resurgence = row.get(f"final.{OBJECTIVE}")
+    presence = row.get("final.presence")
+    out = [
+        with_interval(resurgence, row.get("final.resurgence_lo"), row.get("final.resurgence_hi")),
+        with_interval(presence, row.get("final.presence_lo"), row.get("final.presence_hi")),
+        fmt(n, missing="–"),
+    ]
+    for key in each:  # resurgence.<name>: its presence now and right after erasure over n / (concepts) images
+        name = key.removeprefix("resurgence.")
+        now, rise = row.get(f"presence.{name}"), row.get(key)  # logged per evaluation; MLflow keeps the last
+        per = n / len(each) if finite(n) else math.nan
+        low, high = newcombe(now, per, now - rise, per) if finite(now) and finite(rise) else (math.nan, math.nan)
+        out.append(with_interval(rise, low, high))
+    return out
+
+
 def _table_html(header: Sequence[str], body: Iterable[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         kind = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
@@ -694,19 +715,23 @@ def _html(
         # several erased concepts: each one's own final resurgence beside the mean
         each = sorted({k for r in rows for k, v in r.items() if k.startswith("resurgence.") and v is not None})
         header = (
-            ["#", "trial", "status", f"final {OBJECTIVE}"]
-            + [f"final {k}" for k in each]
+            ["#", "trial", "status", f"final {OBJECTIVE} [95% CI]", "final presence [95% CI]", "n images"]
+            + [f"final {k} [95% CI]" for k in each]
             + (["candidate"] if with_candidate else [])
             + searched
         )
         body = [
-            [i, r["trial_id"], r["status"], r[f"final.{OBJECTIVE}"]]
-            + [r.get(k) for k in each]
+            [i, r["trial_id"], r["status"], *_with_intervals(r, each)]
             + ([r["candidate"]] if with_candidate else [])
             + [r[p] for p in searched]
             for i, r in enumerate(ranked[:BEST_SHOWN], 1)
         ]
         parts.append(_table_html(header, body))
+        parts.append(
+            '<p class="note">Presence is a proportion over the n images of the erased concepts (each concept its '
+            "share of them); its interval is Wilson's, resurgence's Newcombe's hybrid score interval of the "
+            "difference from presence right after erasure (methods/evaluation/intervals.py).</p>"
+        )
     else:
         parts.append(f'<p class="note">No trial logged a {e(OBJECTIVE)} value.</p>')
     parts += [

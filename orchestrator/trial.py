@@ -39,6 +39,7 @@ from methods.catalog import DATASETS, METHODS
 from methods.datasets.base import DataContext
 from methods.detectors.base import Detector, load_detector
 from methods.erasers.base import Concept, EraseRequest
+from methods.evaluation.intervals import newcombe, wilson
 from methods.evaluation.pictures import save_grid
 from methods.evaluation.presence import (
     EvalConcept,
@@ -293,12 +294,15 @@ class Reports:
         that do not evaluate); `utility`: the utility metrics if they were measured."""
         out: dict[str, Any] = {"ft_step": step, "ft_loss": loss, **(utility or {})}
         if ev is not None:
-            p = ev.mean_presence(self.targets)
+            p, n, erased = ev.mean_presence(self.targets), self.once["presence_images"], self.once["presence_erased"]
             out |= {
                 "presence": p,
-                "resurgence": p - self.once["presence_erased"],
+                "resurgence": p - erased,
                 "retention": ev.retention(self.targets),
             }
+            # 95% intervals over the n images (methods/evaluation/intervals.py)
+            out["presence_lo"], out["presence_hi"] = wilson(p, n)
+            out["resurgence_lo"], out["resurgence_hi"] = newcombe(p, n, erased, n)
             if len(self.targets) > 1:  # each erased concept's own, beside their mean
                 for name in self.targets:
                     out[f"presence.{name}"] = ev.presence[name]

@@ -77,6 +77,12 @@ def test_smoke_sweep_end_to_end(tmp_path, isolated_env):
         presence = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "presence")}
         for m in history:  # resurgence = presence - presence right after erasure, at every step
             assert abs(m.value - (presence[m.step] - metrics["presence_erased"])) < 1e-9
+        for key in ("presence", "resurgence"):  # each with its 95% interval at every step
+            value = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            low = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"{key}_lo")}
+            high = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"{key}_hi")}
+            assert low.keys() == high.keys() == value.keys()
+            assert all(low[s] <= value[s] <= high[s] and low[s] < high[s] for s in value)
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["samples.png"]
     assert len(trial_ids) == 4
     assert os.path.isdir(tmp_path / "ray_results")

@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
 
+from methods.evaluation.intervals import newcombe
+from orchestrator.formatting import with_interval
 from orchestrator.report import importances, write_report
 from orchestrator.spec import SpecError
 
@@ -436,15 +438,22 @@ def test_best_trials_show_each_erased_concepts_resurgence(tmp_path: Path) -> Non
         run = s.run(exp, f"trial-{trial_id}", tags, parent)
         metrics = [("resurgence", 0.0, 0), ("resurgence.circle", 0.0, 0), ("resurgence.star", 0.0, 0)]
         metrics += [("resurgence", (circle + star) / 2, 10), ("resurgence.circle", circle, 10)]
-        metrics += [("resurgence.star", star, 10)]
+        metrics += [("resurgence.star", star, 10), ("presence.circle", 0.5 + circle, 10), ("presence.star", 0.8, 10)]
+        metrics += [("presence", 0.5, 10), ("presence_lo", 0.3, 10), ("presence_hi", 0.7, 10)]
+        metrics += [("resurgence_lo", -0.1, 10), ("resurgence_hi", 0.6, 10), ("presence_images", 24, 0)]
         s.log(run, EVALUATOR, metrics)
         s.client.set_terminated(run, "FINISHED")
     index = write_report(s.uri, "mass", tmp_path / "report", log_to_parent=False)
     page = index.read_text()
     table = page[page.index("Best trials by final") :]
     table = table[: table.index("</table>")]
-    assert "final resurgence.circle" in table and "final resurgence.star" in table
+    assert "final resurgence.circle [95% CI]" in table and "final resurgence.star [95% CI]" in table
     rows = table.split("<tr>")[2:]  # header first
     assert rows[0].index("t1") < rows[0].index("0.5") and "0.3" in rows[1]  # t1 (mean 0.25) ranks first
+    # every figure with its 95% interval and n: the mean's as logged, each concept's over its 12 of the 24 images
+    assert "+0.25 [-0.10, +0.60]" in rows[0] and "0.50 [0.30, 0.70]" in rows[0] and ">24<" in rows[0]
+    for row, (circle, _) in zip(rows, [finals["t1"], finals["t0"]], strict=True):
+        low, high = newcombe(0.5 + circle, 12, 0.5, 12)
+        assert f">{with_interval(circle, low, high)}<" in row
     columns = pq.read_table(tmp_path / "report" / "trials.parquet").column_names
     assert {"resurgence.circle", "resurgence.star"} <= set(columns)

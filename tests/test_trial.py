@@ -37,6 +37,16 @@ def test_reports_and_erasure_memo(tmp_path):
     for r in reports:
         assert abs(r["resurgence"] - (r["presence"] - r["presence_erased"])) < 1e-12
         assert 0.0 <= r["retention"] <= 1.0
+        # the 95% Wilson interval of presence over its n images, the score formula written out here
+        p, n, z = r["presence"], r["presence_images"], 1.959964
+        centre, half = (
+            (p + z * z / (2 * n)) / (1 + z * z / n),
+            z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5,
+        )
+        assert r["presence_lo"] == pytest.approx(max(0.0, centre - half), abs=1e-6)
+        assert r["presence_hi"] == pytest.approx(min(1.0, centre + half), abs=1e-6)
+        assert r["resurgence_lo"] <= r["resurgence"] <= r["resurgence_hi"]
+        assert r["resurgence_hi"] - r["resurgence_lo"] > r["presence_hi"] - r["presence_lo"]  # two proportions' noise
     assert last is reports[-1] and (tmp_path / "trial" / "samples.png").is_file()
     assert reports[0]["erase_cached"] == 0.0  # the first trial of this worker erases
     # the same erasure again: this worker reuses it; the fine-tuning differs, the erased start does not
