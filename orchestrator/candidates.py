@@ -23,6 +23,7 @@ class Candidate:
     feasible: bool
     status: str
     score: str = "presence"  # what `worst` is: the worst presence or the worst resurgence (defender.score)
+    utility: str = "retention"  # what `retention` is: retention or the CLIP score after erasure (defender.utility)
 
 
 def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -49,7 +50,9 @@ def best_line(candidates: Sequence[Candidate]) -> str:
     best = best_candidate(candidates)
     if best is None:
         return "no feasible candidate yet"
-    return f"best: candidate {best.number} worst-case {best.score} {best.worst:.3f}, retention {best.retention:.3f}"
+    return (
+        f"best: candidate {best.number} worst-case {best.score} {best.worst:.3f}, {best.utility} {best.retention:.3f}"
+    )
 
 
 def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
@@ -59,7 +62,7 @@ def print_candidates(candidates: Sequence[Candidate], objective: str) -> None:
         params = ", ".join(f"{p}={fmt(v)}" for p, v in c.params.items())
         mark = "*" if c.number in front else " "
         print(
-            f" {mark} candidate {c.number}: worst {c.score} {fmt(c.worst)}, retention "
+            f" {mark} candidate {c.number}: worst {c.score} {fmt(c.worst)}, {c.utility} "
             f"{fmt(c.retention)}{'' if c.feasible else ' (below the retention floor)'}  [{params}]"
         )
     print(best_line(candidates))

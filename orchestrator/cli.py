@@ -83,6 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
     validate = sub.add_parser("validate", help="check a spec without computing anything")
     validate.add_argument("spec")
+    validate.add_argument("--smoke-test", action="store_true", help="check the spec with its `smoke` overrides applied")
     sub.add_parser("list", help="list registered methods, models, datasets and detectors")
 
     toy = sub.add_parser("toy", help="build the toy world's committed parts")
@@ -368,9 +369,12 @@ def warn(warnings: list[str]) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestrator.search import grid_cells
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import apply_overrides, parse_experiment, read_spec, smoke_overrides
 
-    experiment = load_spec(args.spec)
+    data = read_spec(args.spec)
+    if args.smoke_test:
+        data = apply_overrides(data, smoke_overrides(data))
+    experiment = parse_experiment(data, check_smoke=not args.smoke_test)
     spec = experiment.spec
     warn(experiment.components.warnings())
     dims = ", ".join(spec.search.space) or "none"

@@ -54,12 +54,13 @@ def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     )
 
 
-def candidate_score(rows: list[Row]) -> tuple[float, float, float]:
-    """(worst presence, worst resurgence any attack reached, retention after erasure) of one candidate's
+def candidate_score(rows: list[Row], utility: str = "retention") -> tuple[float, float, float]:
+    """(worst presence, worst resurgence any attack reached, `utility` right after erasure) of one candidate's
     attack trials. An attack's presence at its peak is its presence after erasure + its peak resurgence."""
     peaks = [r["peak_resurgence"] for r in rows if finite(r.get("peak_resurgence"))]
     reached = [r["peak_resurgence"] + r["presence_erased"] for r in rows if finite(r.get("peak_resurgence"))]
-    retention = next((r["retention_erased"] for r in rows if finite(r.get("retention_erased"))), math.nan)
+    key = f"{utility}_erased"
+    retention = next((r[key] for r in rows if finite(r.get(key))), math.nan)
     worst = max(peaks) if peaks else math.nan
     return (max(reached) if reached and all(map(finite, reached)) else math.nan), worst, retention
 
@@ -102,7 +103,13 @@ def run_defense(run: SearchRun) -> list[Row]:
             else:
                 parents[c] = tracker.start_run_later(
                     f"candidate-{c}",
-                    {**tags, "stage": "defender-candidate", "candidate": str(c), "score": d.score},
+                    {
+                        **tags,
+                        "stage": "defender-candidate",
+                        "candidate": str(c),
+                        "score": d.score,
+                        "utility": d.utility,
+                    },
                     parent=parent,
                 )
                 tracker.log(parents[c], params={f"defender.{p}": str(v) for p, v in trial.params.items()})
@@ -110,7 +117,9 @@ def run_defense(run: SearchRun) -> list[Row]:
         rows = run.waves(cells, f"{run_name}-d{wave:03d}", ledger, callbacks, slot_prefix=f"d{wave:03d}-")
         all_rows += rows
         for c, trial in wave_candidates:
-            presence, resurgence, retention = candidate_score([r for r in rows if r["config"].get("_candidate") == c])
+            presence, resurgence, retention = candidate_score(
+                [r for r in rows if r["config"].get("_candidate") == c], d.utility
+            )
             worst = presence if d.score == "presence" else resurgence
             feasible = finite(retention) and retention >= d.retention_floor
             ok = finite(worst) and finite(retention)
@@ -124,6 +133,7 @@ def run_defense(run: SearchRun) -> list[Row]:
                     feasible,
                     "FINISHED" if ok else "FAILED",
                     d.score,
+                    d.utility,
                 )
             )
             # The study first, then MLflow: a driver that dies in between leaves a told trial and an open

@@ -39,6 +39,8 @@ ONCE_METRICS = (
     "presence_images",  # n: the images presence is a proportion of (per concept)
     "clip_score_base",
     "fid_base",
+    "clip_score_erased",
+    "fid_erased",
 )
 # Logged with the last result: the trial's own cost, so a campaign's device hours can be summed. Device
 # seconds are the trial's wall seconds on a CUDA device (0 on the CPU); peak device memory is torch's peak

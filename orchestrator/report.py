@@ -425,6 +425,7 @@ def _candidates(runs: Iterable[Any]) -> list[Candidate]:
                 feasible=metrics.get("feasible", 0.0) == 1.0,
                 status=run.info.status,
                 score=score,
+                utility=run.data.tags.get("utility", "retention"),
             )
         )
     return sorted(out, key=lambda c: c.number)
@@ -755,7 +756,7 @@ def _html(
         else:
             parts.append(
                 f"<p>Best feasible candidate: <b>{best.number}</b> (worst {best.score} {e(_fmt(best.worst))},"
-                f" retention {e(_fmt(best.retention))}).</p>"
+                f" {e(best.utility)} {e(_fmt(best.retention))}).</p>"
             )
         worst = f"worst {candidates[0].score}"
         header = ["candidate", "status", *params, worst, "retention", "feasible", "Pareto front"]

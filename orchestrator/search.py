@@ -353,7 +353,7 @@ def distributed_slots(spec: ExperimentSpec) -> int:
 
 KEPT = ("resurgence", "presence", "presence_erased", "presence_base", "retention", "retention_erased")
 KEPT += ("resurgence_proxy", "ft_step", "trial_seconds", "trial_cpu_seconds", "erase_seconds", "presence_images")
-KEPT += ("presence_lo", "presence_hi", "resurgence_lo", "resurgence_hi")
+KEPT += ("presence_lo", "presence_hi", "resurgence_lo", "resurgence_hi", "clip_score_erased")
 
 
 class TrialRows(Callback):

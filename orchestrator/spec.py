@@ -174,7 +174,11 @@ class DefenderSpec(_Strict):
     objective: Literal["worst_case", "pareto"] = "worst_case"
     # worst_case: minimize the worst case (`score`) subject to retention >= retention_floor (TPE with a
     # constraint); pareto: the worst case (min) against retention (max) with NSGA-II.
-    retention_floor: float = Field(0.0, ge=0, le=1)  # retention after erasure a candidate must keep
+    # What a candidate must keep right after erasure, at least `retention_floor` of it: `retention` (the other
+    # concepts' presence, 0-1) or `clip_score` (evaluate.utility's CLIP score, 0-100: for detectors that see
+    # only the erased concept, such as NudeNet).
+    utility: Literal["retention", "clip_score"] = "retention"
+    retention_floor: float = Field(0.0, ge=0)
     # What a candidate's attacks are scored by (the worst over them, minimised): `presence`, the concept's
     # presence at the attack's strongest moment (presence after erasure + its peak resurgence), or
     # `resurgence`, the rise alone; the rise rewards a candidate that erased nothing (it cannot rise further).
@@ -182,6 +186,12 @@ class DefenderSpec(_Strict):
     candidates: int = Field(4, ge=1)  # defender candidates in all
     per_wave: int = Field(2, ge=1)  # candidates attacked at the same time (one Tuner run per wave)
     seed: int = 0  # seeds the defender's sampler
+
+    @model_validator(mode="after")
+    def _floor_in_range(self) -> DefenderSpec:
+        if self.utility == "retention" and self.retention_floor > 1:
+            raise ValueError(f"retention_floor: retention is a proportion (0-1), got {self.retention_floor}")
+        return self
 
 
 class ResourcesSpec(_Strict):
@@ -234,6 +244,9 @@ class ExperimentSpec(_Strict):
     storage_path: str = "ray_results"  # Tune's results (a shared path on multi-node clusters)
     cache_dir: str = ".resurgence_cache"  # generated datasets
     smoke: dict[str, Any] = Field(default_factory=lambda: {"search.num_samples": 2})  # --smoke-test overrides
+    # Where each file the spec reads comes from: a dotted field path (as validation names it, e.g.
+    # model.config.path) -> how to obtain it. A refusal on that field (or inside it) ends with this text.
+    inputs: dict[str, str] = Field(default_factory=dict)
 
     @property
     def targets(self) -> list[ConceptSpec]:
@@ -383,12 +396,27 @@ def parse_experiment(data: Any, *, check_smoke: bool = True) -> Experiment:
     value its search spaces can produce, and (`check_smoke`) its smoke-test overrides."""
     if not isinstance(data, dict):
         raise SpecError("spec: the top level must be a mapping")
-    spec = validate_structure(data)
-    experiment = Experiment(spec, data, components(spec))
-    check_space(experiment)
+    try:
+        spec = validate_structure(data)
+        experiment = Experiment(spec, data, components(spec))
+        check_space(experiment)
+    except SpecError as err:
+        raise SpecError(with_source(str(err), data.get("inputs"))) from None
     if check_smoke and spec.smoke:  # --smoke-test must not be the first to find a bad override
         _check_smoke(experiment)
     return experiment
+
+
+def with_source(message: str, inputs: Any) -> str:
+    """A refusal naming a field the spec's `inputs` says where to obtain, with that said (the most specific
+    entry: the field itself or the nearest section holding it)."""
+    field = message.split(": ", 1)[0]
+    if not isinstance(inputs, dict):
+        return message
+    known = [k for k in inputs if isinstance(k, str) and (field == k or field.startswith((k + ".", k + "[")))]
+    if not known:
+        return message
+    return f"{message}; where it comes from: {inputs[max(known, key=len)]}"
 
 
 def _check_smoke(experiment: Experiment) -> None:
@@ -612,6 +640,7 @@ def check_space(experiment: Experiment) -> None:
             "storage_path",
             "cache_dir",
             "smoke",
+            "inputs",
             "name",
         ):
             raise SpecError(f"search.space.{path}: only trial settings can be searched, not {path.split('.')[0]}")
@@ -634,6 +663,14 @@ def check_space(experiment: Experiment) -> None:
             if not path.startswith("erase."):
                 raise SpecError(f"defender.space.{path}: the defender chooses erasure settings (erase.*) only")
             _check_values(experiment, f"defender.space.{path}", path, dim)
+        d = spec.defender
+        if d.utility == "clip_score" and not (spec.evaluate.utility or {}).get("clip_score"):
+            raise SpecError("defender.utility: clip_score needs evaluate.utility.clip_score (its prompts and CLIP)")
+        if d.utility == "retention" and d.retention_floor > 0 and not spec.others:
+            raise SpecError(
+                "defender.retention_floor: retention is measured on `others` and this spec has none; give them, "
+                "or floor the CLIP score (defender.utility: clip_score) when the detector sees only the concept"
+            )
 
 
 def _check_values(experiment: Experiment, field: str, path: str, dim: Dimension) -> None:

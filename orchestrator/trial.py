@@ -460,6 +460,7 @@ def execute_trial(
         "erase_distance": erased.distance,
         "presence_images": sum(warm.base.images.get(t, 0) for t in targets),  # over every erased concept
         **{f"{k}_base": v for k, v in warm.base_utility.items()},
+        **{f"{k}_erased": v for k, v in erased.utility.items()},  # also the curves' step 0
     }
     rows = [("base", [warm.base.samples[n] for n in named]), ("erased", [erased.evaluation.samples[n] for n in named])]
     reports = Reports(trial, warm, erased, once, artifact_dir / "samples.png", rows, started, cpu_started)
