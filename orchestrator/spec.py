@@ -409,11 +409,16 @@ def parse_experiment(data: Any, *, check_smoke: bool = True) -> Experiment:
 
 def with_source(message: str, inputs: Any) -> str:
     """A refusal naming a field the spec's `inputs` says where to obtain, with that said (the most specific
-    entry: the field itself or the nearest section holding it)."""
-    field = message.split(": ", 1)[0]
+    entry: the field itself or the nearest section holding it; for a search space's value, the field inside
+    the value too)."""
     if not isinstance(inputs, dict):
         return message
-    known = [k for k in inputs if isinstance(k, str) and (field == k or field.startswith((k + ".", k + "[")))]
+    fields = [message.split(": ", 1)[0]]
+    if " is invalid: " in message:  # a search space's value: the field inside it
+        fields.append(message.split(" is invalid: ", 1)[1].split(": ", 1)[0])
+    known = [
+        k for k in inputs if isinstance(k, str) and any(f == k or f.startswith((k + ".", k + "[")) for f in fields)
+    ]
     if not known:
         return message
     return f"{message}; where it comes from: {inputs[max(known, key=len)]}"
