@@ -17,6 +17,8 @@ cross erased better than plain ESD-x, under the same attacks?
     python benchmarks/defender_vs_esd.py                    # 6 candidates x 4 attacks + 2 x 3 x 4: ~1.5 h on 2 cores
     python benchmarks/defender_vs_esd.py --candidates 2 --attacks 1 --outer-steps 5 --seeds 1   # a check it runs
     python benchmarks/defender_vs_esd.py --json defender.json
+    python benchmarks/defender_vs_esd.py --gammas gamma2_1=0.04 gamma1_1=0.27 gamma1_2=0.064 gamma2_2=0.043 \
+        --workdir /tmp/defender-vs-esd-XXXX      # fresh attacks only, on given gammas (reusing that run's cache)
 
 The aim (issue 27): a candidate whose mean worst-case resurgence is at least 30% lower than ESD-x's at
 retention >= 0.75. The last lines say whether it was reached, for the resurgence and for the presence reached
@@ -88,6 +90,46 @@ def worst_case(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def search(defense: dict[str, Any], uri: str, started: float) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The defender search as the spec runs it; its candidates and the one to attack again: the best feasible
+    one, else (none kept the floor) the one with the highest retention, said so."""
+    from orchestrator.spec import parse_experiment
+    from orchestrator.sweep import run_sweep
+
+    outcome = run_sweep(parse_experiment(defense), uri, "toy_defense.yaml", write_html=False, one_node=True)
+    by_candidate: dict[int, list[dict[str, Any]]] = {}
+    for row in outcome.rows:
+        by_candidate.setdefault(row["config"]["_candidate"], []).append(row)
+    candidates = []
+    for number, rows in sorted(by_candidate.items()):
+        case = worst_case(rows)
+        gammas = {k.split(".")[-1]: v for k, v in rows[0]["config"].items() if k.startswith("erase.config.gamma")}
+        candidates.append({"candidate": number, "gammas": gammas, **case})
+    floor = defense["defender"]["retention_floor"]
+    feasible = [c for c in candidates if c["retention_erased"] >= floor]
+
+    print("\n=== defender search (toy world; attacker seed 0; worst case over its attack trials) ===")
+    for c in candidates:
+        gammas = ", ".join(f"{k}={v:.3g}" for k, v in c["gammas"].items())
+        print(
+            f"candidate {c['candidate']}: presence after erasure {c['presence_erased']:.2f}, worst attack reached "
+            f"{with_interval(c['reached'], *c['reached_interval'], c['n'])} "
+            f"(resurgence {with_interval(c['worst'], c['low'], c['high'])}), "
+            f"retention {c['retention_erased']:.2f}{'' if c['retention_erased'] >= floor else ' (below floor)'}"
+            f"  [{gammas}]"
+        )
+    if not candidates:
+        print("no candidate finished: nothing to compare")
+        return candidates, None
+    if feasible:
+        best = min(feasible, key=lambda c: (c["reached"], -c["retention_erased"]))
+        print(f"best feasible: candidate {best['candidate']} ({time.perf_counter() - started:.0f} s for the search)")
+    else:
+        best = max(candidates, key=lambda c: c["retention_erased"])
+        print(f"no candidate kept retention >= {floor}; attacking the one with the highest: {best['candidate']}")
+    return candidates, best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--candidates", type=int, default=6, help="defender candidates")
@@ -95,10 +137,13 @@ def main() -> None:
     parser.add_argument("--outer-steps", type=int, default=200, help="meta-unlearning outer steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="fresh attacker seeds")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--gammas", nargs="+", metavar="NAME=VALUE", help="skip the search: attack these gammas")
+    parser.add_argument("--workdir", type=Path, help="work (and erase cache) folder; default: a new one")
     args = parser.parse_args()
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    tmp = Path(tempfile.mkdtemp(prefix="defender-vs-esd-"))
+    tmp = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="defender-vs-esd-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     os.chdir(tmp)
 
     import ray
@@ -113,35 +158,15 @@ def main() -> None:
     started = time.perf_counter()
 
     defense = defense_data(args, tmp)
-    outcome = run_sweep(parse_experiment(defense), uri, "toy_defense.yaml", write_html=False, one_node=True)
-    by_candidate: dict[int, list[dict[str, Any]]] = {}
-    for row in outcome.rows:
-        by_candidate.setdefault(row["config"]["_candidate"], []).append(row)
-    candidates = []
-    for number, rows in sorted(by_candidate.items()):
-        case = worst_case(rows)
-        gammas = {k.split(".")[-1]: v for k, v in rows[0]["config"].items() if k.startswith("erase.config.gamma")}
-        candidates.append({"candidate": number, "gammas": gammas, **case})
-    floor = defense["defender"]["retention_floor"]
-    feasible = [c for c in candidates if c["retention_erased"] >= floor]
-    search_seconds = time.perf_counter() - started
-
-    print("\n=== defender search (toy world; attacker seed 0; worst-case resurgence over its attack trials) ===")
-    for c in candidates:
-        gammas = ", ".join(f"{k}={v:.3g}" for k, v in c["gammas"].items())
-        print(
-            f"candidate {c['candidate']}: presence after erasure {c['presence_erased']:.2f}, worst attack reached "
-            f"{with_interval(c['reached'], *c['reached_interval'], c['n'])} "
-            f"(resurgence {with_interval(c['worst'], c['low'], c['high'])}), "
-            f"retention {c['retention_erased']:.2f}{'' if c['retention_erased'] >= floor else ' (below floor)'}"
-            f"  [{gammas}]"
-        )
-    if not feasible:
-        print(f"no candidate kept retention >= {floor}: nothing to compare")
-        ray.shutdown()
-        return
-    best = min(feasible, key=lambda c: (c["reached"], -c["retention_erased"]))
-    print(f"best feasible: candidate {best['candidate']} ({search_seconds:.0f} s for the search)")
+    if args.gammas:
+        best = {"candidate": "given", "gammas": {k: float(v) for k, v in (g.split("=", 1) for g in args.gammas)}}
+        candidates: list[dict[str, Any]] = []
+    else:
+        candidates, best = search(defense, uri, started)
+        if best is None:
+            ray.shutdown()
+            return
+    print(f"attacking: {best['gammas']}")
 
     esd = {"method": "esd", "config": defense["erase"]["config"]["method_config"]}
     chosen = copy.deepcopy(defense["erase"])
