@@ -161,7 +161,7 @@ def main() -> None:
     for label, runs in found.items():
         for f in runs:
             print(
-                f"| {label} | {f['seed']} | {with_interval(f['best'], f['low'], f['high'], f['n'])} | "
+                f"| {label} | {f['seed']} | {with_interval(f['best'], f['low'], f['high'], f['n'], signed=True)} | "
                 f"{f['median_peak']:+.2f} | {f['steps']:.0f} | {f['seconds']:.0f} | {f['wall']:.0f} |"
             )
     for label, runs in found.items():

@@ -37,7 +37,9 @@ from typing import Any
 import torch
 import yaml
 
+from methods.evaluation.intervals import wilson
 from orchestrator.cache import open_cache
+from orchestrator.formatting import with_interval
 from orchestrator.resolved import resolve
 from orchestrator.trial import execute_trial
 
@@ -169,6 +171,9 @@ def main() -> None:
                     "presence_base": first["presence_base"],
                     "presence_erased": first["presence_erased"],
                     "presence_erased_each": shape_presence(first, targets),
+                    "n": first["presence_images"],  # the erased shapes' images: each figure's 95% interval over them
+                    "presence_erased_interval": wilson(first["presence_erased"], first["presence_images"]),
+                    "best_resurgence_interval": (end["resurgence_lo"], end["resurgence_hi"]),
                     "best_resurgence": end["resurgence"],
                     "best_setting": f"{best['lr']:.0e} {best['trainable']}" if len(finals) > 1 else "all equal",
                     "peak_resurgence": max(r["resurgence"] for t in cell for r in t["curve"]),
@@ -193,7 +198,7 @@ def main() -> None:
         f"{len(trials)} fine-tunes in {total:.0f} s.\n"
     )
     print(
-        "| method | erased | presence base | presence after erasure | best resurgence (setting) | "
+        "| method | erased | presence base | presence after erasure [95% CI] n | best resurgence [95% CI] (setting) | "
         "peak resurgence | erased shapes at end of best | retention base / erased / end | erase s | wall s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -201,7 +206,9 @@ def main() -> None:
         each = ", ".join(f"{k} {v:.2f}" for k, v in r["presence_end_each"].items())
         print(
             f"| {r['method'].upper()} | {r['count']} ({', '.join(r['targets'])}) | {fmt(r['presence_base'])} | "
-            f"{fmt(r['presence_erased'])} | {r['best_resurgence']:+.2f} ({r['best_setting']}) | "
+            f"{with_interval(r['presence_erased'], *r['presence_erased_interval'], r['n'])} | "
+            f"{with_interval(r['best_resurgence'], *r['best_resurgence_interval'], signed=True)} "
+            f"({r['best_setting']}) | "
             f"{r['peak_resurgence']:+.2f} | {each} | "
             f"{fmt(r['retention_base'])} / {fmt(r['retention_erased'])} / {fmt(r['retention_end'])} | "
             f"{r['erase_seconds']:.2f} | {r['seconds']:.0f} |"

@@ -114,7 +114,7 @@ def search(defense: dict[str, Any], uri: str, started: float) -> tuple[list[dict
         print(
             f"candidate {c['candidate']}: presence after erasure {c['presence_erased']:.2f}, worst attack reached "
             f"{with_interval(c['reached'], *c['reached_interval'], c['n'])} "
-            f"(resurgence {with_interval(c['worst'], c['low'], c['high'])}), "
+            f"(resurgence {with_interval(c['worst'], c['low'], c['high'], signed=True)}), "
             f"retention {c['retention_erased']:.2f}{'' if c['retention_erased'] >= floor else ' (below floor)'}"
             f"  [{gammas}]"
         )
@@ -193,7 +193,7 @@ def main() -> None:
             )
             print(
                 f"| {label} | {c['seed']} | {c['presence_erased']:.2f} | "
-                f"{with_interval(c['worst'], c['low'], c['high'], c['n'])} | "
+                f"{with_interval(c['worst'], c['low'], c['high'], c['n'], signed=True)} | "
                 f"{with_interval(c['reached'], *c['reached_interval'])} | {attack} | "
                 f"{c['retention_erased']:.2f} / {c['retention_end']:.2f} |"
             )

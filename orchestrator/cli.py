@@ -339,7 +339,7 @@ def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10)
 
     def cell(r: dict[str, Any], k: str) -> str:
         if k in ("presence", "resurgence"):
-            return with_interval(r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi"))
+            return with_interval(r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi"), signed=k == "resurgence")
         return fmt(r.get("presence_images" if k == "n" else k))
 
     table = [head]

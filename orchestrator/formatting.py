@@ -26,12 +26,14 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return text.splitlines()[0][:limit] if text else type(err).__name__
 
 
-def with_interval(value: Any, low: Any, high: Any, n: Any = None, digits: int = 2) -> str:
+def with_interval(value: Any, low: Any, high: Any, n: Any = None, digits: int = 2, signed: bool | None = None) -> str:
     """'0.25 [0.09, 0.53] n=12': a figure with its 95% interval (n left out when not given); the bare value
-    when the interval is missing, '-' when the value is."""
+    when the interval is missing, '-' when the value is. `signed`: always a sign (a difference, as resurgence);
+    None: a sign when the interval reaches below 0."""
     if not finite(value):
         return "-"
-    signed = finite(low) and low < 0
+    if signed is None:
+        signed = finite(low) and low < 0
     text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
     if finite(low) and finite(high):
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]" if signed else f" [{low:.{digits}f}, {high:.{digits}f}]"

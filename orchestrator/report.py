@@ -646,7 +646,7 @@ def _with_intervals(row: dict[str, Any], each: list[str]) -> list[str]:
     resurgence = row.get(f"final.{OBJECTIVE}")
     presence = row.get("final.presence")
     out = [
-        with_interval(resurgence, row.get("final.resurgence_lo"), row.get("final.resurgence_hi")),
+        with_interval(resurgence, row.get("final.resurgence_lo"), row.get("final.resurgence_hi"), signed=True),
         with_interval(presence, row.get("final.presence_lo"), row.get("final.presence_hi")),
         fmt(n, missing="–"),
     ]
@@ -655,7 +655,7 @@ def _with_intervals(row: dict[str, Any], each: list[str]) -> list[str]:
         now, rise = row.get(f"presence.{name}"), row.get(key)  # logged per evaluation; MLflow keeps the last
         per = n / len(each) if finite(n) else math.nan
         low, high = newcombe(now, per, now - rise, per) if finite(now) and finite(rise) else (math.nan, math.nan)
-        out.append(with_interval(rise, low, high))
+        out.append(with_interval(rise, low, high, signed=True))
     return out
 
 

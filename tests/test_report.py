@@ -454,6 +454,6 @@ def test_best_trials_show_each_erased_concepts_resurgence(tmp_path: Path) -> Non
     assert "+0.25 [-0.10, +0.60]" in rows[0] and "0.50 [0.30, 0.70]" in rows[0] and ">24<" in rows[0]
     for row, (circle, _) in zip(rows, [finals["t1"], finals["t0"]], strict=True):
         low, high = newcombe(0.5 + circle, 12, 0.5, 12)
-        assert f">{with_interval(circle, low, high)}<" in row
+        assert f">{with_interval(circle, low, high, signed=True)}<" in row
     columns = pq.read_table(tmp_path / "report" / "trials.parquet").column_names
     assert {"resurgence.circle", "resurgence.star"} <= set(columns)
