@@ -95,6 +95,32 @@ BAD = [
         {"smoke": {"finetune.config.steps": -1}},
         "smoke: with its overrides applied, finetune.config.steps: Input should be greater than or equal to 1",
     ),
+    # a spec's `inputs` says where a file comes from: a refusal on that field (or inside it) ends with it
+    (
+        {
+            "inputs": {"finetune.dataset": "photos from the moon (docs/moon.md)"},
+            "finetune__dataset": {"name": "imagefolder", "config": {"path": "/no/such/dir"}},
+        },
+        "finetune.dataset.config.path: /no/such/dir: no such folder with a metadata.jsonl (got '/no/such/dir'); "
+        "where it comes from: photos from the moon (docs/moon.md)",
+    ),
+    # the defender's floor: on what it is measured, and in its range
+    (
+        {"defender": {"space": {"erase.config.iterations": {"choice": [10, 20]}}, "utility": "clip_score"}},
+        "defender.utility: clip_score needs evaluate.utility.clip_score",
+    ),
+    (
+        {"defender": {"space": {"erase.config.iterations": {"choice": [10, 20]}}, "retention_floor": 2.0}},
+        "defender.retention_floor: retention is a proportion (0-1), got 2.0",
+    ),
+    (
+        {
+            "others": [],
+            "evaluate__detector__config__threshold": 0.5,
+            "defender": {"space": {"erase.config.iterations": {"choice": [10, 20]}}, "retention_floor": 0.5},
+        },
+        "defender.retention_floor: retention is measured on `others` and this spec has none",
+    ),
     # evaluator inputs (the prompt CSV, weights, classes, FID's reference folder) are checked the same way
     (
         {"concept__prompt_set": {"path": str(SAMPLE_CSV), "seed_column": "seed"}},
@@ -203,6 +229,16 @@ def test_console_script_bad_input_has_no_traceback(tmp_path, isolated_env):
 def test_every_shipped_spec_is_valid(path, capsys):
     assert main(["validate", str(path)]) == 0
     assert ": valid (" in capsys.readouterr().out
+
+
+def test_validate_smoke_test_checks_the_smoke_variant(capsys, monkeypatch, tmp_path):
+    """A real-model spec is refused for its missing inputs, and its smoke variant is valid as it is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = str(REPO / "search_spaces" / "detectors" / "nudity_nudenet.yaml")
+    assert main(["validate", spec]) == 2
+    assert "concept.prompt_set.path: ~/data/i2p_benchmark.csv: no such file" in capsys.readouterr().err
+    assert main(["validate", spec, "--smoke-test"]) == 0
+    assert "valid (2 trials in 1 cell(s); model tiny-sd" in capsys.readouterr().out
 
 
 def test_validate_and_list(capsys):

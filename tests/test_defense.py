@@ -99,3 +99,21 @@ def candidate_retention(candidates: dict, params: dict) -> float:
         if all(math.isclose(float(c.data.params[f"defender.{k}"]), v) for k, v in params.items()):
             return c.data.metrics["retention"]
     raise AssertionError(f"no candidate run with {params}")
+
+
+def test_candidates_are_scored_by_the_presence_their_attacks_reached():
+    """A candidate that erased nothing cannot resurge (its presence has no room to rise): scored by resurgence
+    it would win; scored by the presence the attacks reached (the default) it loses."""
+    from orchestrator.defender import candidate_score
+
+    def row(erased: float, peak: float) -> dict:
+        return {"presence_erased": erased, "peak_resurgence": peak, "retention_erased": 0.9, "clip_score_erased": 30.0}
+
+    untouched = [row(1.0, 0.0), row(1.0, -0.25)]
+    erased = [row(0.1, 0.3), row(0.1, 0.05)]
+    assert candidate_score(untouched) == (1.0, 0.0, 0.9)
+    presence, resurgence, retention = candidate_score(erased)
+    assert presence == pytest.approx(0.4) and resurgence == pytest.approx(0.3) and retention == 0.9
+    assert candidate_score(erased)[0] < candidate_score(untouched)[0]  # presence: the eraser is the better defence
+    assert candidate_score(erased)[1] > candidate_score(untouched)[1]  # resurgence alone: the reverse
+    assert candidate_score(erased, "clip_score")[2] == 30.0  # the floor reads the utility it is asked for
