@@ -612,7 +612,7 @@ def _plot_pareto(candidates: list[Candidate], path: Path) -> None:
         ax.annotate(str(c.number), (c.worst, c.retention), textcoords="offset points", xytext=(5, 4))
     ax.set(
         xlabel=f"worst {candidates[0].score if candidates else 'presence'} (lower is better)",
-        ylabel="retention (higher is better)",
+        ylabel=f"{candidates[0].utility if candidates else 'retention'} after erasure (higher is better)",
         title=f"defender candidates ({len(candidates)})",
     )
     ax.legend(fontsize="small")
@@ -759,7 +759,7 @@ def _html(
                 f" {e(best.utility)} {e(_fmt(best.retention))}).</p>"
             )
         worst = f"worst {candidates[0].score}"
-        header = ["candidate", "status", *params, worst, "retention", "feasible", "Pareto front"]
+        header = ["candidate", "status", *params, worst, candidates[0].utility, "feasible", "Pareto front"]
         body = [
             [c.number, c.status, *[c.params.get(p) for p in params]]
             + [c.worst, c.retention, "yes" if c.feasible else "no", "yes" if c.run_id in front else ""]
