@@ -201,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.resume import SweepState, check_resumable, unfinished_sweeps
 
     experiment, uri = prepare(args)
-    warn(experiment.components.warnings())
+    warn(experiment.warnings())
     resume = None
     found = [] if args.new else unfinished_sweeps(sweep_base(experiment.spec), experiment.data)
     if found:
@@ -376,7 +376,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         data = apply_overrides(data, smoke_overrides(data))
     experiment = parse_experiment(data, check_smoke=not args.smoke_test)
     spec = experiment.spec
-    warn(experiment.components.warnings())
+    warn(experiment.warnings())
     dims = ", ".join(spec.search.space) or "none"
     cells = len(grid_cells(spec.search.space))
     trials = cells * spec.search.num_samples

@@ -365,6 +365,18 @@ class Experiment:
     data: dict[str, Any]
     components: Components
 
+    def warnings(self) -> list[str]:
+        """What the components' configs say runs but does nothing, and the same for every erase section a
+        search-space grid puts in the spec's place (each named by its grid position)."""
+        found = self.components.warnings()
+        for path, dim in self.spec.search.space.items():
+            if dim.grid is None or path.split(".")[0] != "erase":
+                continue
+            for i, value in enumerate(dim.grid):
+                variant = components(validate_structure(set_path(self.data, path, value)), like=self)
+                found += [f"search.space.{path}[{i}]: {w}" for w in variant.warnings()]
+        return found
+
 
 def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A spec file's mapping, not validated yet (`parse_experiment` does that once)."""

@@ -39,7 +39,7 @@ def open_parent(
     tracker = Tracker(uri, spec.name, wal=sweep_dir(spec, run_name) / "mlflow.wal")
     sweep_tags = {**tags, "stage": stage, "method": spec.erase.method, "concept": concept_tag(spec)}
     sweep_tags["model"] = spec.model.name
-    warnings = experiment.components.warnings()
+    warnings = experiment.warnings()
     if warnings:
         sweep_tags["warnings"] = " | ".join(warnings)
     found = []

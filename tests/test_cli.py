@@ -492,3 +492,12 @@ def test_recipes_that_run_off_premise_warn(tmp_path, capsys):
     for erase, want in cases:
         assert main(["validate", str(_spec(tmp_path, erase=erase))]) == 0
         assert capsys.readouterr().err.startswith(f"resurgence: warning: {want}")
+
+
+def test_warnings_of_erase_sections_in_a_grid(capsys):
+    """A grid of erase sections warns for each section as the spec's own erase section would."""
+    spec = str(REPO / "search_spaces" / "papers" / "fewshot_erasure.yaml")
+    assert main(["validate", spec, "--smoke-test"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1  # the few-shot cell draws its images; the ESD cell has nothing to say
+    assert err[0].startswith("resurgence: warning: search.space.erase[0]: erase.config: the concept's images are")
