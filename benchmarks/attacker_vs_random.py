@@ -1,7 +1,7 @@
 """The attacker against random search on the toy world, same budget, same run; and how well the cheap
 proxy ranks trials.
 
-    python benchmarks/attacker_vs_random.py                         # 12 trials each, seeds 0 1 2 (~45 min on 2 cores)
+    python benchmarks/attacker_vs_random.py                         # 10 trials each, seeds 0 1 2 (~25 min on 2 cores)
     python benchmarks/attacker_vs_random.py --trials 4 --seeds 0    # a quick look
 
 Both sweeps run `search_spaces/toy_resurgence.yaml` (ESD-x erases "cross"; fine-tuning on cross-free
@@ -63,7 +63,7 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def sweep_data(trials: int, algorithm: str, asha: bool, seed: int, images: int) -> dict[str, Any]:
+def sweep_data(trials: int, algorithm: str, asha: bool, seed: int, images: int, startup: int) -> dict[str, Any]:
     data = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     data["name"] = f"attacker-vs-random-{algorithm}"
     data["evaluate"]["proxy"] = {"images_per_prompt": 1, "repeats": 4}
@@ -71,6 +71,8 @@ def sweep_data(trials: int, algorithm: str, asha: bool, seed: int, images: int) 
     data["search"]["num_samples"] = trials
     data["search"]["algorithm"] = algorithm
     data["search"]["seed"] = seed
+    if algorithm == "tpe":  # TPE's random start; Optuna's default (10) would leave a 10-trial budget all random
+        data["search"]["startup_trials"] = startup
     if asha:
         data["search"]["scheduler"] = {"name": "asha", "metric": "resurgence_proxy", "grace_period": 25}
     else:
@@ -121,9 +123,10 @@ def best_found(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=12, help="trials per sweep")
+    parser.add_argument("--trials", type=int, default=10, help="trials per sweep")
+    parser.add_argument("--startup", type=int, default=3, help="TPE's random trials before its model proposes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (one pair each)")
-    parser.add_argument("--images-per-prompt", type=int, default=4, help="evaluation images per prompt (6 prompts)")
+    parser.add_argument("--images-per-prompt", type=int, default=3, help="evaluation images per prompt (6 prompts)")
     args = parser.parse_args()
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -144,7 +147,7 @@ def main() -> None:
     random_curves: list[dict[str, dict[int, float]]] = []
     for seed in args.seeds:
         for label, algorithm, asha in sweeps:
-            data = sweep_data(args.trials, algorithm, asha, seed, args.images_per_prompt)
+            data = sweep_data(args.trials, algorithm, asha, seed, args.images_per_prompt, args.startup)
             data["storage_path"], data["cache_dir"] = str(tmp / "ray_results"), str(tmp / "cache")  # one erase cache
             experiment = parse_experiment(data)
             start = time.perf_counter()

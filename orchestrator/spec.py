@@ -158,6 +158,9 @@ class SearchSpec(_Strict):
     num_samples: int = Field(8, ge=1)  # trials per grid cell (the whole sweep without grid dimensions)
     seed: int = 0  # seeds the sampler
     algorithm: Literal["tpe", "random"] = "tpe"  # Optuna's TPE, or random search (a baseline)
+    # TPE's random trials before its model proposes (null: Optuna's 10). With a budget of 10 trials or fewer
+    # per cell, Optuna's default leaves TPE random throughout.
+    startup_trials: int | None = Field(None, ge=1)
     space: dict[str, Dimension] = Field(default_factory=dict)  # dotted spec path -> distribution
     scheduler: SchedulerSpec | None = None
     max_concurrent_trials: int | None = Field(None, ge=1)  # null: as many as resources allow
