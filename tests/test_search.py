@@ -40,10 +40,10 @@ SPACE = {
 SPACE_TRAINABLE = ("full", "xattn")
 
 
-def searcher(tmp_path, cells, slots):
+def searcher(tmp_path, cells, slots, startup=None):
     """A CellSearch over `cells` filling `slots` [(name, cell)], its ledger in tmp_path (a driver's view), for
     the smoke experiment with SPACE searched and the erasure method a grid (ESD or UCE, default configs)."""
-    data = _spec(**{"erase/config": {}, "search/scheduler": None})
+    data = _spec(**{"erase/config": {}, "search/scheduler": None, "search/startup_trials": startup})
     data["search"]["space"] = {
         "erase.method": {"grid": ["esd", "uce"]},
         **{path: dim.model_dump(exclude_none=True) for path, dim in SPACE.items()},
@@ -95,6 +95,15 @@ def test_cell_search_hands_out_cells_and_continues_its_studies_across_waves(tmp_
         assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and len(states) == 3
     best = optuna.load_study(study_name="s-cell1", storage=storage).best_value
     assert math.isclose(best, 0.3)  # cell 1 got trials t1 (0.1) and t3 (0.3): results reach their own cell
+
+
+def test_tpe_startup_trials_reach_every_cells_sampler(tmp_path):
+    """search.startup_trials: TPE's random start, which Optuna sets to 10 (a 10-trial budget all random)."""
+    cells = [Cell({"erase.method": "esd"}, "a-cell0", 0), Cell({"erase.method": "uce"}, "a-cell1", 1)]
+    default = searcher(tmp_path / "d", cells, [("t0", 0), ("t1", 1)])
+    short = searcher(tmp_path / "s", cells, [("t0", 0), ("t1", 1)], startup=2)
+    assert [s.sampler._n_startup_trials for s in default.studies.values()] == [10, 10]
+    assert [s.sampler._n_startup_trials for s in short.studies.values()] == [2, 2]
 
 
 def _spec(**changes):
