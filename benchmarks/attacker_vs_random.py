@@ -63,7 +63,9 @@ def spearman(x: list[float], y: list[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def sweep_data(trials: int, algorithm: str, asha: bool, seed: int, images: int, startup: int) -> dict[str, Any]:
+def sweep_data(
+    trials: int, algorithm: str, asha: bool, seed: int, images: int, startup: int, grace: int
+) -> dict[str, Any]:
     data = yaml.safe_load((REPO / "search_spaces" / "toy_resurgence.yaml").read_text())
     data["name"] = f"attacker-vs-random-{algorithm}"
     data["evaluate"]["proxy"] = {"images_per_prompt": 1, "repeats": 4}
@@ -74,7 +76,7 @@ def sweep_data(trials: int, algorithm: str, asha: bool, seed: int, images: int, 
     if algorithm == "tpe":  # TPE's random start; Optuna's default (10) would leave a 10-trial budget all random
         data["search"]["startup_trials"] = startup
     if asha:
-        data["search"]["scheduler"] = {"name": "asha", "metric": "resurgence_proxy", "grace_period": 25}
+        data["search"]["scheduler"] = {"name": "asha", "metric": "resurgence_proxy", "grace_period": grace}
     else:
         data["search"].pop("scheduler", None)
     data.pop("smoke", None)
@@ -125,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=10, help="trials per sweep")
     parser.add_argument("--startup", type=int, default=3, help="TPE's random trials before its model proposes")
+    parser.add_argument("--grace", type=int, default=25, help="ASHA's first rung (fine-tuning steps)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (one pair each)")
     parser.add_argument("--images-per-prompt", type=int, default=3, help="evaluation images per prompt (6 prompts)")
     args = parser.parse_args()
@@ -147,7 +150,7 @@ def main() -> None:
     random_curves: list[dict[str, dict[int, float]]] = []
     for seed in args.seeds:
         for label, algorithm, asha in sweeps:
-            data = sweep_data(args.trials, algorithm, asha, seed, args.images_per_prompt, args.startup)
+            data = sweep_data(args.trials, algorithm, asha, seed, args.images_per_prompt, args.startup, args.grace)
             data["storage_path"], data["cache_dir"] = str(tmp / "ray_results"), str(tmp / "cache")  # one erase cache
             experiment = parse_experiment(data)
             start = time.perf_counter()
