@@ -1,7 +1,7 @@
 """The attacker against random search on the toy world, same budget, same run; and how well the cheap
 proxy ranks trials.
 
-    python benchmarks/attacker_vs_random.py                         # 10 trials each, seeds 0 1 2 (~25 min on 2 cores)
+    python benchmarks/attacker_vs_random.py                         # 10 trials each, seeds 0 1 2 (~45 min on 2 cores)
     python benchmarks/attacker_vs_random.py --trials 4 --seeds 0    # a quick look
 
 Both sweeps run `search_spaces/toy_resurgence.yaml` (ESD-x erases "cross"; fine-tuning on cross-free
