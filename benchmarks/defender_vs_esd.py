@@ -14,7 +14,7 @@ cross erased better than plain ESD-x, under the same attacks?
    score over the n images at the peak and right after erasure), the presence it reached (Wilson interval),
    the retention right after erasure and at the end of that attack; then the spread over the seeds.
 
-    python benchmarks/defender_vs_esd.py                    # 6 candidates x 4 attacks + 2 x 3 x 4: ~1.5 h on 2 cores
+    python benchmarks/defender_vs_esd.py                    # 6 candidates x 4 attacks + 2 x 3 x 4: ~40 min on 2 cores
     python benchmarks/defender_vs_esd.py --candidates 2 --attacks 1 --outer-steps 5 --seeds 1   # a check it runs
     python benchmarks/defender_vs_esd.py --json defender.json
     python benchmarks/defender_vs_esd.py --gammas gamma2_1=0.04 gamma1_1=0.27 gamma1_2=0.064 gamma2_2=0.043 \
@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from methods.evaluation.intervals import newcombe, wilson  # noqa: E402
+from orchestrator.defender import presence_reached  # noqa: E402
 from orchestrator.formatting import finite, with_interval  # noqa: E402
 
 
@@ -67,9 +68,10 @@ def attack_data(defense: dict[str, Any], erase: dict[str, Any], seed: int, label
 
 
 def worst_case(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The attack trial that reached the highest resurgence, with its interval and the retentions."""
+    """The attack trial whose cross reached the highest presence (the defender's score), with its resurgence
+    and presence intervals and the retentions."""
     done = [r for r in rows if finite(r.get("peak_resurgence"))]
-    worst = max(done, key=lambda r: r["peak_resurgence"] + r["presence_erased"])  # the defender's score
+    worst = max(done, key=presence_reached)
     n = worst.get("presence_images", float("nan"))
     erased = worst["presence_erased"]
     peak = worst["peak_resurgence"]

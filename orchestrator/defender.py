@@ -54,11 +54,16 @@ def defender_study(spec: ExperimentSpec, path: Path, name: str) -> Any:
     )
 
 
+def presence_reached(row: Row) -> float:
+    """The concept's presence at an attack's strongest moment: presence after erasure + its peak resurgence."""
+    return row["peak_resurgence"] + row["presence_erased"]
+
+
 def candidate_score(rows: list[Row], utility: str = "retention") -> tuple[float, float, float]:
     """(worst presence, worst resurgence any attack reached, `utility` right after erasure) of one candidate's
-    attack trials. An attack's presence at its peak is its presence after erasure + its peak resurgence."""
+    attack trials (`presence_reached` of each)."""
     peaks = [r["peak_resurgence"] for r in rows if finite(r.get("peak_resurgence"))]
-    reached = [r["peak_resurgence"] + r["presence_erased"] for r in rows if finite(r.get("peak_resurgence"))]
+    reached = [presence_reached(r) for r in rows if finite(r.get("peak_resurgence"))]
     key = f"{utility}_erased"
     retention = next((r[key] for r in rows if finite(r.get(key))), math.nan)
     worst = max(peaks) if peaks else math.nan
