@@ -88,6 +88,9 @@ def optuna_distribution(dim: Dimension) -> Any:
 
 
 TRIAL_ATTR = "trial"  # an Optuna trial's user attribute: the slot (the sweep's name of the trial) it belongs to
+# ... and the one a trial with no slot gets when a later driver closes it: a driver died inside `ask`, between
+# Optuna creating the trial and the slot being written on it. It is no trial of the sweep's budget.
+ABANDONED_ATTR = "abandoned"
 
 
 def trial_value(row: Row | None, result: dict | None, metric: str) -> float | None:
@@ -111,8 +114,9 @@ class CellSearch(Searcher):
     A wave continued after its driver died gets only the slots the ledger lacks. A slot whose Optuna trial
     the dead driver had asked for (still running in the study) runs again with the same values and is told
     through that same trial; a slot the ledger has but the study still calls running is told from its row
-    now; a running trial with no slot (the driver died inside `ask`) is closed as failed. So each slot has
-    exactly one finished Optuna trial and no finished trial is told twice.
+    now; a running trial with no slot (the driver died inside `ask`) is closed as failed and marked
+    `abandoned`. So each slot has exactly one finished Optuna trial, no finished trial is told twice, and the
+    trials of a study that are not abandoned are the sweep's trials of that cell.
 
     Each trial's config carries its `ResolvedTrial` (orchestrator/resolved.py), built here once from the
     experiment and the trial's values: the worker, the MLflow callback and the erase cache all read it."""
@@ -172,7 +176,8 @@ class CellSearch(Searcher):
                 tell(study, trial.number, value)
             elif slot in todo and set(trial.params) == set(self.distributions) and slot not in self.replay:
                 self.replay[slot] = trial.number
-            else:  # begun inside `ask` by a driver that died there: closed, it has no slot (abandoned)
+            else:  # begun inside `ask` by a driver that died there: it has no slot; closed, marked abandoned
+                optuna.Trial(study, trial._trial_id).set_user_attr(ABANDONED_ATTR, True)  # noqa: SLF001
                 tell(study, trial.number, None)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:

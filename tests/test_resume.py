@@ -193,7 +193,8 @@ def test_a_new_driver_takes_up_the_dead_drivers_optuna_trials_and_tells_each_onc
     study = optuna.load_study(study_name="s-cell0", storage=storage)
     by_slot = {t.user_attrs.get("trial"): t for t in study.trials}
     assert by_slot["t1"].state.name == "COMPLETE" and by_slot["t1"].value == 0.5  # from the ledger's row
-    assert by_slot[None].state.name == "FAIL"  # the slotless one
+    assert by_slot[None].state.name == "FAIL" and by_slot[None].user_attrs["abandoned"] is True  # the slotless one
+    assert all(not t.user_attrs.get("abandoned") for t in study.trials if "trial" in t.user_attrs)
     again = nxt.suggest("b0")
     again = {k: v for k, v in again.items() if k != RESOLVED_KEY}
     assert again == {**{k: first[2][k] for k in SPACE}, "_trial": "t2"}  # the same values, the same trial
