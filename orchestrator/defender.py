@@ -23,6 +23,7 @@ from orchestrator.candidates import Candidate, best_candidate, best_line, print_
 from orchestrator.formatting import finite
 from orchestrator.resume import left_runs, new_metrics
 from orchestrator.search import (
+    ABANDONED_ATTR,
     Cell,
     Row,
     grid_cells,
@@ -172,7 +173,7 @@ def run_defense(run: SearchRun) -> list[Row]:
 def mend_defender_study(study: Any, space: set[str]) -> dict[int, Any]:
     """The defender study's trials by candidate number, as `optuna.Trial`s (a dead driver's asked candidates
     are taken up again); a trial left running with no candidate (its driver died inside `ask`) is closed
-    as failed."""
+    as failed and marked abandoned, as a cell's study does (orchestrator/search.py)."""
     import optuna
 
     by_candidate: dict[int, Any] = {}
@@ -182,5 +183,6 @@ def mend_defender_study(study: Any, space: set[str]) -> dict[int, Any]:
             # Optuna has no public way to get a live Trial of a stored one but its storage id.
             by_candidate[int(c)] = optuna.trial.Trial(study, frozen._trial_id)
         elif not frozen.state.is_finished():
+            optuna.trial.Trial(study, frozen._trial_id).set_user_attr(ABANDONED_ATTR, True)
             tell(study, frozen.number, None)
     return by_candidate

@@ -211,6 +211,26 @@ def test_a_new_driver_takes_up_the_dead_drivers_optuna_trials_and_tells_each_onc
     assert set(rows) == {"t0", "t1", "t2", "t3"} and rows["t3"]["error"] is True
 
 
+def test_the_defender_study_takes_up_asked_candidates_and_marks_a_slotless_trial_abandoned(tmp_path):
+    """The defender's own study, mended alike: candidates 0 and 1 asked (1 still running) come back as live
+    trials with their values; a trial begun inside `ask` with no candidate is closed as failed, abandoned."""
+    from orchestrator.defender import mend_defender_study
+    from orchestrator.search import study_storage
+
+    space = {"gamma": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study = optuna.create_study(study_name="d", storage=study_storage(tmp_path / "defender.journal"))
+    asked = [study.ask(space) for _ in range(2)]
+    for c, trial in enumerate(asked):
+        trial.set_user_attr("candidate", c)
+    study.tell(asked[0], 0.5)
+    study.ask(space)  # the driver died inside `ask`
+    again = optuna.load_study(study_name="d", storage=study_storage(tmp_path / "defender.journal"))
+    by_candidate = mend_defender_study(again, {"gamma"})
+    assert sorted(by_candidate) == [0, 1] and by_candidate[1].params == asked[1].params
+    states = [(t.state.name, t.user_attrs.get("candidate"), t.user_attrs.get("abandoned")) for t in again.trials]
+    assert states == [("COMPLETE", 0, None), ("RUNNING", 1, None), ("FAIL", None, True)]
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
