@@ -330,8 +330,12 @@ def check_address(address: str, field: str = "--address", timeout_s: float = 5.0
 
 
 def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10) -> None:
-    """The best trials; presence and resurgence with their 95% intervals over n images (presence_images)."""
-    from orchestrator.formatting import fmt, with_interval
+    """The best trials; presence and resurgence with their 95% intervals over n images (presence_images). A
+    grid of whole sections (erase sections, models) shows each as `#i` and a short name; a legend under the
+    table gives each in full."""
+    import json
+
+    from orchestrator.formatting import fmt, grid_label, with_interval
 
     keys = sorted({k for r in rows for k in r["config"] if not k.startswith("_")})
     shown = ["presence_base", "presence_erased", "presence", "resurgence", "n", "retention", "ft_step"]
@@ -342,16 +346,21 @@ def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10)
             return with_interval(r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi"), signed=k == "resurgence")
         return fmt(r.get("presence_images" if k == "n" else k))
 
+    grids = {k: d.grid for k, d in spec.search.space.items() if d.grid is not None}
+    sections = {k: g for k, g in grids.items() if any(isinstance(v, dict | list) for v in g)}
     table = [head]
     for i, r in enumerate(rows[:top], 1):
         cells = [str(i), r["trial"] + (" (error)" if r["error"] else "")]
         cells += [cell(r, k) for k in head[2 : -len(keys) or None]]
-        cells += [fmt(r["config"].get(k)) for k in keys]
+        cells += [grid_label(r["config"].get(k), sections.get(k, [])) for k in keys]
         table.append(cells)
     widths = [max(len(row[j]) for row in table) for j in range(len(head))]
     print(f"\nBest trials by {spec.search.metric} ({spec.search.mode}), {len(rows)} in all:")
     for row in table:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    for k in (k for k in keys if k in sections):
+        for j, value in enumerate(sections[k]):
+            print(f"  {k} #{j}: {json.dumps(value, sort_keys=True)}")
 
 
 def _data_name(spec: ExperimentSpec) -> str:

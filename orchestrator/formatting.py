@@ -20,6 +20,23 @@ def fmt(x: Any, missing: str = "nan") -> str:
     return str(x)
 
 
+def grid_label(value: Any, grid: list[Any]) -> str:
+    """A grid value for a one-line table: a scalar as itself; a whole section (an erase section, a model) by
+    its place in the grid, `#i`, with its method or name and its preset or the last part of its path when it
+    has them (`#1 uce/uce-object`, `#0 pretrained/stable-diffusion-v1-4`); the table's legend gives each
+    section in full."""
+    if not isinstance(value, dict | list) or value not in grid:
+        return fmt(value)
+    label = f"#{grid.index(value)}"
+    if isinstance(value, dict):
+        config = value.get("config") if isinstance(value.get("config"), dict) else {}
+        path = config.get("path")
+        hints = [value.get("method") or value.get("name"), config.get("preset") or path]
+        hints = [h.rstrip("/").rsplit("/", 1)[-1] if h is path else h for h in hints if isinstance(h, str)]
+        label += " " + "/".join(hints) if hints else ""
+    return label
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """An error's message cut to its first line (for one-line errors and log lines)."""
     text = str(err).strip()

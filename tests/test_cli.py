@@ -314,6 +314,37 @@ def test_summary_orders_best_first_errors_last():
     assert [r["trial"] for r in rank(results, spec)] == ["a", "c", "b", "d"]
 
 
+def test_the_best_trials_table_names_grid_sections_short_and_gives_them_whole_under_it(capsys):
+    from orchestrator.cli import print_table
+    from orchestrator.spec import validate_structure  # the spec's shape only: no model folder needs to exist
+
+    models = [
+        {"name": "pretrained", "config": {"path": "~/models/stable-diffusion-v1-4/"}},
+        {"name": "tiny-sd", "config": {"seed": 3}},
+    ]
+    erasers = [{"method": "uce", "config": {"preset": "uce-object"}}, {"method": "esd", "config": {}}]
+    space = {"model": {"grid": models}, "erase": {"grid": erasers}, "finetune.config.lr": {"grid": [1e-4, 1e-3]}}
+    spec = validate_structure({**SMOKE, "search": {**SMOKE["search"], "space": space}})
+    rows = [
+        {"trial": "t1", "resurgence": 0.5, "error": False, "config": {"model": models[1], "erase": erasers[0]}},
+        {"trial": "t0", "resurgence": 0.25, "error": False, "config": {"model": models[0], "erase": erasers[1]}},
+    ]
+    for r, lr in zip(rows, (1e-4, 1e-3), strict=True):
+        r["config"]["finetune.config.lr"] = lr
+    print_table(rows, spec)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "#0 uce/uce-object" in lines[2] and "#1 tiny-sd" in lines[2] and "0.0001" in lines[2]
+    assert "#1 esd" in lines[3] and "#0 pretrained/stable-diffusion-v1-4" in lines[3] and "0.001" in lines[3]
+    assert not any("{" in line for line in lines[:4])
+    legend = [line.strip().split(": ", 1) for line in lines[4:]]
+    assert [(key, json.loads(whole)) for key, whole in legend] == [
+        ("erase #0", erasers[0]),
+        ("erase #1", erasers[1]),
+        ("model #0", models[0]),
+        ("model #1", models[1]),
+    ]  # the lr grid holds plain numbers: no legend
+
+
 def test_resume_checks_the_ray_flags_before_anything_runs(tmp_path, capsys):
     import json
 

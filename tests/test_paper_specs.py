@@ -109,7 +109,7 @@ def test_validate_names_each_missing_input_and_where_it_comes_from(name, capsys,
 SMOKE_FAST = [s for s in SPECS if s != "meta_unlearning_sdxl.yaml"]
 
 
-def _smoke(name: str, tmp_path: Path, env: dict) -> MlflowClient:
+def _smoke(name: str, tmp_path: Path, env: dict) -> tuple[MlflowClient, str]:
     for folder in ("search_spaces", "cluster"):  # the smoke overrides' relative paths
         (tmp_path / folder).symlink_to(REPO / folder)
     out = subprocess.run(
@@ -121,7 +121,7 @@ def _smoke(name: str, tmp_path: Path, env: dict) -> MlflowClient:
         timeout=900,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"), out.stdout
 
 
 def _check_trials(client: MlflowClient, experiment: str, cells: int) -> list:
@@ -139,7 +139,7 @@ def _check_trials(client: MlflowClient, experiment: str, cells: int) -> list:
 @pytest.mark.parametrize("name", SMOKE_FAST)
 def test_paper_spec_smoke_runs_with_no_external_file(name, tmp_path, isolated_env):
     spec = yaml.safe_load((PAPERS / name).read_text())
-    client = _smoke(name, tmp_path, isolated_env)
+    client, stdout = _smoke(name, tmp_path, isolated_env)
     if "defender" in spec:  # 2 candidates x 1 attack, each candidate floored by the CLIP score
         runs = client.search_runs([client.get_experiment_by_name(spec["name"]).experiment_id])
         candidates = [r for r in runs if r.data.tags.get("stage") == "defender-candidate"]
@@ -162,11 +162,19 @@ def test_paper_spec_smoke_runs_with_no_external_file(name, tmp_path, isolated_en
     methods = {t.data.tags["method"] for t in trials}
     expected = {e["method"] for e in (smoke.get("search.space.erase") or spec["search"]["space"]["erase"])["grid"]}
     assert methods == expected  # every erasure cell ran
+    # The console's table names each erase section by its place in the grid; the legend under it gives it whole.
+    table = stdout[stdout.index("Best trials by") : stdout.index("MLflow:")].strip().splitlines()
+    erase = (smoke.get("search.space.erase") or spec["search"]["space"]["erase"])["grid"]
+    legend = [line.strip().split(": ", 1) for line in table if re.match(r"\s+[\w.]+ #\d+: ", line)]
+    assert [json.loads(whole) for key, whole in legend if key.startswith("erase #")] == erase
+    rows = table[2 : len(table) - len(legend)]
+    assert len(rows) == min(cells, 10) and not any("{" in row for row in rows), rows
+    assert all(any(f"#{i} {e['method']}" in row for row in rows) for i, e in enumerate(erase)), rows
 
 
 @pytest.mark.slow  # two DeepSpeed trials of two CPU workers each: about 3 minutes on 2 cores
 def test_sdxl_paper_spec_smoke_runs_under_deepspeed(tmp_path, isolated_env):
-    client = _smoke("meta_unlearning_sdxl.yaml", tmp_path, isolated_env)
+    client, _ = _smoke("meta_unlearning_sdxl.yaml", tmp_path, isolated_env)
     trials = _check_trials(client, "paper-meta-unlearning-sdxl", 2)
     assert all(t.data.params["distributed.workers"] == "2" for t in trials)
     assert {t.data.tags["method"] for t in trials} == {"esd", "meta"}
