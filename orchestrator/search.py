@@ -176,8 +176,9 @@ class CellSearch(Searcher):
                 tell(study, trial.number, value)
             elif slot in todo and set(trial.params) == set(self.distributions) and slot not in self.replay:
                 self.replay[slot] = trial.number
-            else:  # begun inside `ask` by a driver that died there: it has no slot; closed, marked abandoned
-                optuna.Trial(study, trial._trial_id).set_user_attr(ABANDONED_ATTR, True)  # noqa: SLF001
+            else:  # begun inside `ask` by a driver that died there (no slot): closed, marked abandoned
+                # Optuna has no public way to get a live Trial of a stored one but its storage id.
+                optuna.Trial(study, trial._trial_id).set_user_attr(ABANDONED_ATTR, True)
                 tell(study, trial.number, None)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
