@@ -346,8 +346,9 @@ def print_table(rows: list[dict[str, Any]], spec: ExperimentSpec, top: int = 10)
             return with_interval(r.get(k), r.get(f"{k}_lo"), r.get(f"{k}_hi"), signed=k == "resurgence")
         return fmt(r.get("presence_images" if k == "n" else k))
 
-    grids = {k: d.grid for k, d in spec.search.space.items() if d.grid is not None}
-    sections = {k: g for k, g in grids.items() if any(isinstance(v, dict | list) for v in g)}
+    sections = {
+        k: d.grid for k, d in spec.search.space.items() if any(isinstance(v, dict | list) for v in d.grid or [])
+    }
     table = [head]
     for i, r in enumerate(rows[:top], 1):
         cells = [str(i), r["trial"] + (" (error)" if r["error"] else "")]

@@ -23,9 +23,9 @@ from orchestrator.candidates import Candidate, best_candidate, best_line, print_
 from orchestrator.formatting import finite
 from orchestrator.resume import left_runs, new_metrics
 from orchestrator.search import (
-    ABANDONED_ATTR,
     Cell,
     Row,
+    abandon,
     grid_cells,
     optuna_distribution,
     study_storage,
@@ -183,6 +183,5 @@ def mend_defender_study(study: Any, space: set[str]) -> dict[int, Any]:
             # Optuna has no public way to get a live Trial of a stored one but its storage id.
             by_candidate[int(c)] = optuna.trial.Trial(study, frozen._trial_id)
         elif not frozen.state.is_finished():
-            optuna.trial.Trial(study, frozen._trial_id).set_user_attr(ABANDONED_ATTR, True)
-            tell(study, frozen.number, None)
+            abandon(study, frozen)
     return by_candidate

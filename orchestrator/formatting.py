@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import PurePosixPath
 from typing import Any
 
 
@@ -31,9 +32,10 @@ def grid_label(value: Any, grid: list[Any]) -> str:
     if isinstance(value, dict):
         config = value.get("config") if isinstance(value.get("config"), dict) else {}
         path = config.get("path")
-        hints = [value.get("method") or value.get("name"), config.get("preset") or path]
-        hints = [h.rstrip("/").rsplit("/", 1)[-1] if h is path else h for h in hints if isinstance(h, str)]
-        label += " " + "/".join(hints) if hints else ""
+        detail = config.get("preset") or (PurePosixPath(path).name if isinstance(path, str) else None)
+        hints = [h for h in (value.get("method") or value.get("name"), detail) if isinstance(h, str)]
+        if hints:
+            label += " " + "/".join(hints)
     return label
 
 

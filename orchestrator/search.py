@@ -176,10 +176,8 @@ class CellSearch(Searcher):
                 tell(study, trial.number, value)
             elif slot in todo and set(trial.params) == set(self.distributions) and slot not in self.replay:
                 self.replay[slot] = trial.number
-            else:  # begun inside `ask` by a driver that died there (no slot): closed, marked abandoned
-                # Optuna has no public way to get a live Trial of a stored one but its storage id.
-                optuna.Trial(study, trial._trial_id).set_user_attr(ABANDONED_ATTR, True)
-                tell(study, trial.number, None)
+            else:  # begun inside `ask` by a driver that died there: it has no slot
+                abandon(study, trial)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the cells carry their own metric, mode and space
@@ -247,6 +245,16 @@ def tell(study: Any, number: int, value: Any) -> None:
         study.tell(number, state=optuna.trial.TrialState.FAIL)
     else:
         study.tell(number, value)
+
+
+def abandon(study: Any, trial: Any) -> None:
+    """Close a running trial that belongs to no slot or candidate (its driver died inside `ask`): failed, and
+    marked abandoned, so that a study's other trials are exactly the sweep's."""
+    import optuna
+
+    # Optuna has no public way to get a live Trial of a stored one but its storage id.
+    optuna.trial.Trial(study, trial._trial_id).set_user_attr(ABANDONED_ATTR, True)
+    tell(study, trial.number, None)
 
 
 def wave_orders(n_cells: int, per_cell: int, wave_size: int | None) -> list[list[int]]:
